@@ -1,0 +1,49 @@
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+FIXTURES = Path(__file__).parent / "fixtures"
+VARIANTS = ("d1_r50slim_small", "d3_r50slim_small")
+
+# detectron2 normalisation of the official models (RGB, 0-255).
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def load_eval_fixture(variant: str) -> dict:
+    """`outputs_eval.pt` of a fixture with `instances.pred_masks` unpacked to a bool tensor."""
+    outputs = torch.load(FIXTURES / variant / "outputs_eval.pt", weights_only=True)
+    shape = tuple(outputs.pop("instances.pred_masks_shape").tolist())
+    packed = outputs.pop("instances.pred_masks_packed").numpy()
+    bits = np.unpackbits(packed)[: int(np.prod(shape))]
+    outputs["instances.pred_masks"] = torch.from_numpy(bits.reshape(shape).astype(bool))
+    return outputs
+
+
+def load_train_fixture(variant: str) -> dict:
+    return torch.load(FIXTURES / variant / "outputs_train_loss.pt", weights_only=True)
+
+
+def fixture_model_input(variant: str) -> torch.Tensor:
+    """The resized, unnormalised RGB input [3, H, W] (0-255) the official model received."""
+    return torch.from_numpy(np.load(FIXTURES / variant / "model_input_chw_float32.npy"))
+
+
+def fixture_pixel_values(variant: str) -> torch.Tensor:
+    """Normalised and zero-padded (bottom/right, to a multiple of 32) input [1, 3, H, W], as upstream."""
+    image = (fixture_model_input(variant) - PIXEL_MEAN) / PIXEL_STD
+    height, width = image.shape[-2:]
+    padded = torch.zeros(3, -(-height // 32) * 32, -(-width // 32) * 32)
+    padded[:, :height, :width] = image
+    return padded[None]
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request):
+    return request.param
