@@ -1,0 +1,727 @@
+"""PyTorch FastInst model.
+
+The data flow, in the order of this file (He et al., CVPR 2023, "FastInst: A Simple Query-Based Model for Real-Time
+Instance Segmentation"):
+
+1. backbone: a transformers backbone (ResNet by default) or the ResNet-vd-DCN backbone, strides 8, 16 and 32;
+2. pixel decoder: PPM-FPN, three 256-channel maps E5, E4, E3 (strides 32, 16, 8);
+3. query proposal: instance-activation-guided queries picked on E4, plus learnable auxiliary queries;
+4. dual-path decoder layers: pixel features and queries updated in turn, with masked query cross-attention;
+5. prediction heads: per-layer class and mask predictions (the masks also build the next layer's attention mask).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+from torchvision.ops.misc import FrozenBatchNorm2d
+from transformers import initialization as init
+from transformers.backbone_utils import load_backbone
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import ModelOutput
+
+from .configuration_fastinst import FastInstConfig, FastInstResNetVdConfig
+from .loss_fastinst import FastInstLoss, build_gt_attention_mask
+from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
+
+
+@dataclass
+class FastInstModelOutput(ModelOutput):
+    r"""
+    class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
+        Class logits of every instance query from the last prediction head; the last class is "no object".
+    masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 8, width / 8)`):
+        Mask logits of every instance query from the last prediction head, at 1/8 of the padded input size.
+    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
+        Predictions of the heads before the last one (head 0 reads the proposed queries, head i the output of
+        layer i - 1), as `{"class_queries_logits", "masks_queries_logits"}`. Class logits are only computed in
+        training or with `output_auxiliary_logits`, else they are `None`.
+    proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
+        Logits of the auxiliary classification head on E4 that guides the query selection.
+    proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
+        Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
+    query_locations (`torch.FloatTensor` of shape `(batch_size, num_queries, 2)`):
+        Normalised (x, y) grid location of every selected query, corners at exactly 0 and 1 (location cost).
+    query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
+        Positional embeddings of the queries.
+    pixel_position_embeddings (`torch.FloatTensor` of shape `(1, height / 8 * width / 8, hidden_dim)`):
+        Positional embeddings of the stride-8 pixel features.
+    query_hidden_states (`tuple(torch.FloatTensor)`):
+        Queries `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)` before the first decoder layer
+        and after each layer.
+    pixel_hidden_states (`tuple(torch.FloatTensor)`):
+        Pixel features `(batch_size, height / 8 * width / 8, hidden_dim)` before the first decoder layer and after
+        each layer.
+    encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Backbone feature maps at strides 8, 16 and 32, returned with `output_hidden_states=True`.
+    pixel_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        Pixel decoder maps E5, E4, E3 (strides 32, 16, 8), returned with `output_hidden_states=True`.
+    """
+
+    class_queries_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
+    proposal_logits: torch.FloatTensor | None = None
+    proposal_indices: torch.LongTensor | None = None
+    query_locations: torch.FloatTensor | None = None
+    query_position_embeddings: torch.FloatTensor | None = None
+    pixel_position_embeddings: torch.FloatTensor | None = None
+    query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+@dataclass
+class FastInstForInstanceSegmentationOutput(ModelOutput):
+    r"""
+    loss (`torch.FloatTensor` of shape `()`, *optional*):
+        Sum of the weighted losses, returned when `mask_labels` and `class_labels` are given.
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
+        Every weighted loss term, keyed as upstream (`loss_ce`, `loss_mask`, `loss_dice`, `loss_ce_0`, ...,
+        `loss_proposal`).
+    class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
+        Class logits of the last prediction head; the last class is "no object".
+    masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 8, width / 8)`):
+        Mask logits of the last prediction head at 1/8 of the padded input size.
+    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
+        Predictions of the earlier heads (see [`FastInstModelOutput`]); in training the GT-mask-guided
+        predictions come first, as upstream orders its deep-supervision outputs.
+    proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
+        Logits of the instance-activation (proposal) classification head.
+    proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
+        Flat stride-16 indices of the selected queries.
+    encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states:
+        As in [`FastInstModelOutput`].
+    """
+
+    loss: torch.FloatTensor | None = None
+    loss_dict: dict[str, torch.FloatTensor] | None = None
+    class_queries_logits: torch.FloatTensor | None = None
+    masks_queries_logits: torch.FloatTensor | None = None
+    auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
+    proposal_logits: torch.FloatTensor | None = None
+    proposal_indices: torch.LongTensor | None = None
+    encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 1. Backbone
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstFrozenBatchNorm2d(FrozenBatchNorm2d):
+    """Batch norm with fixed statistics and affine parameters (buffers, never trained).
+
+    Computed as detectron2's FrozenBN, so converted checkpoints reproduce the official features to the last bits:
+    `F.batch_norm` in inference mode when no gradient flows, and `x * scale + shift` when one does (the backward of
+    `F.batch_norm` would also compute gradients for the frozen affine parameters).
+    """
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        if hidden_state.requires_grad:
+            return super().forward(hidden_state)
+        return F.batch_norm(
+            hidden_state, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+        )
+
+
+def freeze_batch_norm(module: nn.Module) -> nn.Module:
+    """Replace every `nn.BatchNorm2d` below `module` by a `FastInstFrozenBatchNorm2d` carrying the same statistics.
+
+    The official models use detectron2's FrozenBN everywhere in the backbone: neither the statistics nor the affine
+    parameters are trained, which also makes small per-GPU batches safe.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            frozen = FastInstFrozenBatchNorm2d(child.num_features, eps=child.eps)
+            if child.weight.device.type != "meta":
+                frozen.weight.copy_(child.weight.detach())
+                frozen.bias.copy_(child.bias.detach())
+                frozen.running_mean.copy_(child.running_mean)
+                frozen.running_var.copy_(child.running_var)
+            setattr(module, name, frozen)
+        else:
+            freeze_batch_norm(child)
+    return module
+
+
+def build_backbone(config: FastInstConfig) -> nn.Module:
+    """The backbone named by `config.backbone_config`; its `feature_maps` are the strides 8, 16, 32 maps."""
+    if isinstance(config.backbone_config, FastInstResNetVdConfig):
+        backbone = FastInstResNetVdBackbone(config.backbone_config)
+    else:
+        backbone = load_backbone(config)
+    if config.freeze_backbone_batch_norm:
+        freeze_batch_norm(backbone)
+    return backbone
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 2. Pixel decoder (PPM-FPN)
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstConvNormLayer(nn.Module):
+    """Conv2d (no bias) + GroupNorm, optionally followed by ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, config: FastInstConfig, relu: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False)
+        self.norm = nn.GroupNorm(config.group_norm_groups, out_channels, eps=config.layer_norm_eps)
+        self.activation = nn.ReLU() if relu else nn.Identity()
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        return self.activation(self.norm(self.conv(hidden_state)))
+
+
+class FastInstPyramidPoolingModule(nn.Module):
+    """Pyramid pooling (PSPNet) on the projected stride-32 map: pooled context at several grid sizes, upsampled,
+    concatenated with the input and fused by a 1x1 convolution. No normalisation, as upstream."""
+
+    def __init__(self, channels: int, pool_sizes: list[int]):
+        super().__init__()
+        branch_channels = channels // 4
+        self.stages = nn.ModuleList(FastInstPyramidPoolingStage(channels, branch_channels, s) for s in pool_sizes)
+        self.bottleneck = nn.Conv2d(channels + len(pool_sizes) * branch_channels, channels, kernel_size=1)
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        """`hidden_state` [B, C, h, w] -> [B, C, h, w]."""
+        size = hidden_state.shape[-2:]
+        priors = [
+            F.interpolate(F.relu(stage(hidden_state)), size=size, mode="bilinear", align_corners=False)
+            for stage in self.stages
+        ]
+        return F.relu(self.bottleneck(torch.cat([*priors, hidden_state], dim=1)))
+
+
+class FastInstPyramidPoolingStage(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int, pool_size: int):
+        super().__init__()
+        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        return self.conv(self.pool(hidden_state))
+
+
+class FastInstPixelDecoder(nn.Module):
+    """PPM-FPN: 1x1 lateral projections (the "input projection" of the paper) and a top-down FPN whose top level
+    goes through a pyramid pooling module.
+
+    Lists are indexed by level, 0 = stride 8 (res3), 2 = stride 32 (res5).
+    """
+
+    def __init__(self, config: FastInstConfig, in_channels: list[int]):
+        super().__init__()
+        channels = config.pixel_decoder_channels
+        self.lateral_convs = nn.ModuleList(
+            FastInstConvNormLayer(c, channels, 1, config, relu=False) for c in in_channels
+        )
+        self.output_convs = nn.ModuleList(
+            FastInstConvNormLayer(channels, channels, 3, config, relu=True) for _ in in_channels
+        )
+        self.ppm = FastInstPyramidPoolingModule(channels, config.ppm_pool_sizes)
+
+    def forward(self, features: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+        """`features`: backbone maps at strides 8, 16, 32. Returns (E5, E4, E3), each [B, C, h_s, w_s]."""
+        hidden_state = self.output_convs[-1](self.ppm(self.lateral_convs[-1](features[-1])))
+        outputs = [hidden_state]
+        for level in range(len(features) - 2, -1, -1):
+            lateral = self.lateral_convs[level](features[level])
+            top_down = F.interpolate(hidden_state, size=lateral.shape[-2:], mode="bilinear", align_corners=False)
+            hidden_state = self.output_convs[level](lateral + top_down)
+            outputs.append(hidden_state)
+        return tuple(outputs)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 3. Instance-activation-guided query proposal
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstQueryProposal(nn.Module):
+    """Picks the initial queries: an auxiliary classifier scores every E4 pixel, and the `num_queries` pixels with the
+    highest foreground class probability, local maxima first, become the instance-activation-guided (IA) queries.
+    The learnable auxiliary queries are appended after them."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        hidden_dim = config.hidden_dim
+        self.num_queries = config.num_queries
+        self.conv = nn.Conv2d(hidden_dim, hidden_dim, kernel_size=3, padding=1)
+        self.classifier = nn.Conv2d(hidden_dim, config.num_labels + 1, kernel_size=1)
+        self.auxiliary_query_features = nn.Embedding(config.num_auxiliary_queries, hidden_dim)
+        self.auxiliary_query_position_embeddings = nn.Embedding(config.num_auxiliary_queries, hidden_dim)
+
+    @staticmethod
+    def score_map(proposal_logits: Tensor, epsilon: float = 1e-6) -> Tensor:
+        """Selection score per pixel, [B, K+1, h, w] logits -> [B, h*w].
+
+        The probability of the pixel's best foreground class, plus 1 where that probability is a local maximum of
+        its class channel (>= its 8 neighbours, zero outside the map, and >= `epsilon`), so local maxima rank first.
+        """
+        probs = proposal_logits.softmax(dim=1)
+        best_class = probs[:, :-1].argmax(dim=1, keepdim=True)
+        # Comparison with a class range instead of F.one_hot keeps this exportable to ONNX.
+        class_range = torch.arange(probs.shape[1], device=probs.device).view(1, -1, 1, 1)
+        probs = probs * (class_range == best_class).to(probs.dtype)
+        # max_pool pads with -inf rather than 0, which only matters for values < epsilon.
+        local_maximum = (probs >= F.max_pool2d(probs, kernel_size=3, stride=1, padding=1)) & (probs >= epsilon)
+        scores = probs + local_maximum.to(probs.dtype)
+        return scores[:, :-1].flatten(2).max(dim=1).values
+
+    def forward(self, proposal_features: Tensor, position_embeddings: Tensor):
+        """
+        Args:
+            proposal_features: E4, [B, C, h, w].
+            position_embeddings: positional embedding grid resized to E4, [1, C, h, w].
+        Returns:
+            queries [B, Q+A, C], query position embeddings [B, Q+A, C], proposal logits [B, K+1, h, w],
+            selected indices [B, Q] and their normalised (x, y) locations [B, Q, 2].
+        """
+        batch_size, _, height, width = proposal_features.shape
+        if height * width < self.num_queries:
+            raise ValueError(
+                f"the stride-16 feature map has {height}x{width} cells, fewer than num_queries={self.num_queries}: "
+                f"the input ({16 * height}x{16 * width} after padding) is too small for this model"
+            )
+        proposal_logits = self.classifier(F.relu(self.conv(proposal_features)))
+        with torch.no_grad():
+            indices = self.score_map(proposal_logits).topk(self.num_queries, dim=1).indices
+
+        def gather(flat: Tensor) -> Tensor:
+            # [B, C, h*w] -> [B, Q, C]
+            return flat.gather(2, indices.unsqueeze(1).expand(-1, flat.shape[1], -1)).transpose(1, 2)
+
+        queries = gather(proposal_features.flatten(2))
+        query_position_embeddings = gather(position_embeddings.flatten(2).expand(batch_size, -1, -1))
+        # linspace puts the corners at exactly 0 and 1, as the location cost of the official matcher expects.
+        x_grid = torch.linspace(0, 1, width, device=indices.device)
+        y_grid = torch.linspace(0, 1, height, device=indices.device)
+        locations = torch.stack([x_grid[indices % width], y_grid[torch.div(indices, width, rounding_mode="floor")]], -1)
+
+        auxiliary_queries = self.auxiliary_query_features.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        auxiliary_position = self.auxiliary_query_position_embeddings.weight.unsqueeze(0).expand(batch_size, -1, -1)
+        queries = torch.cat([queries, auxiliary_queries], dim=1)
+        query_position_embeddings = torch.cat([query_position_embeddings, auxiliary_position], dim=1)
+        return queries, query_position_embeddings, proposal_logits, indices, locations
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 4. Dual-path decoder layers
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstAttentionLayer(nn.Module):
+    """Post-norm attention sub-layer: `LN(x + MHA(q=x+pos_x, k=memory+pos_memory, v=memory, mask))`."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(
+            config.hidden_dim, config.num_attention_heads, dropout=config.dropout, batch_first=True
+        )
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        memory: Tensor,
+        position_embeddings: Tensor,
+        memory_position_embeddings: Tensor,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """`hidden_states` [B, L, C] attends to `memory` [B, S, C]; `attention_mask` [B*heads, L, S], True = blocked."""
+        attended = self.attention(
+            hidden_states + position_embeddings,
+            memory + memory_position_embeddings,
+            memory,
+            attn_mask=attention_mask,
+            need_weights=False,
+        )[0]
+        return self.norm(hidden_states + self.dropout(attended))
+
+
+class FastInstFeedForwardLayer(nn.Module):
+    """Post-norm FFN sub-layer: `LN(x + fc2(relu(fc1(x))))`."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_dim, config.dim_feedforward)
+        self.fc2 = nn.Linear(config.dim_feedforward, config.hidden_dim)
+        self.dropout = nn.Dropout(config.dropout)
+        self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        return self.norm(hidden_states + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))))
+
+
+class FastInstDualPathDecoderLayer(nn.Module):
+    """One dual-path update: the pixel features attend to the queries (no mask) and go through an FFN, then the
+    queries attend to the updated pixel features under the mask predicted by the previous head, attend to each
+    other, and go through an FFN."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.pixel_cross_attention = FastInstAttentionLayer(config)
+        self.pixel_feed_forward = FastInstFeedForwardLayer(config)
+        self.query_cross_attention = FastInstAttentionLayer(config)
+        self.query_self_attention = FastInstAttentionLayer(config)
+        self.query_feed_forward = FastInstFeedForwardLayer(config)
+
+    def forward(
+        self,
+        query_states: Tensor,
+        pixel_states: Tensor,
+        query_position_embeddings: Tensor,
+        pixel_position_embeddings: Tensor,
+        attention_mask: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Queries [B, Q+A, C] and pixels [B, HW, C] in, updated queries and pixels out.
+        `attention_mask` [B*heads, Q+A, HW] restricts the query cross-attention (True = blocked)."""
+        pixel_states = self.pixel_cross_attention(
+            pixel_states, query_states, pixel_position_embeddings, query_position_embeddings
+        )
+        pixel_states = self.pixel_feed_forward(pixel_states)
+        query_states = self.query_cross_attention(
+            query_states, pixel_states, query_position_embeddings, pixel_position_embeddings, attention_mask
+        )
+        query_states = self.query_self_attention(
+            query_states, query_states, query_position_embeddings, query_position_embeddings
+        )
+        query_states = self.query_feed_forward(query_states)
+        return query_states, pixel_states
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# 5. Prediction heads
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstMLP(nn.Module):
+    """Linear layers with ReLU between them."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, output_dim: int, num_layers: int):
+        super().__init__()
+        dims = [input_dim] + [hidden_dim] * (num_layers - 1) + [output_dim]
+        self.layers = nn.ModuleList(nn.Linear(d_in, d_out) for d_in, d_out in zip(dims[:-1], dims[1:]))
+
+    def forward(self, hidden_states: Tensor) -> Tensor:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index < len(self.layers) - 1:
+                hidden_states = F.relu(hidden_states)
+        return hidden_states
+
+
+class FastInstPredictionHead(nn.Module):
+    """Class and mask prediction from the instance queries (the first `num_queries`; the auxiliary queries predict
+    nothing). Masks are the dot product of a query embedding with a projection of the *current* pixel features."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.num_queries = config.num_queries
+        self.query_norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
+        self.class_predictor = FastInstMLP(config.hidden_dim, config.hidden_dim, config.num_labels + 1, 3)
+        self.mask_embedder = FastInstMLP(config.hidden_dim, config.hidden_dim, config.mask_dim, 3)
+        self.pixel_projection = nn.Linear(config.hidden_dim, config.mask_dim)
+
+    def forward(
+        self, query_states: Tensor, pixel_states: Tensor, size: tuple[int, int], predict_class: bool = True
+    ) -> tuple[Tensor | None, Tensor]:
+        """Queries [B, Q+A, C] and pixels [B, h*w, C] -> class logits [B, Q, K+1] (or None), mask logits [B, Q, h, w]."""
+        queries = self.query_norm(query_states[:, : self.num_queries])
+        class_logits = self.class_predictor(queries) if predict_class else None
+        mask_logits = torch.einsum("bqc,blc->bql", self.mask_embedder(queries), self.pixel_projection(pixel_states))
+        return class_logits, mask_logits.unflatten(2, size)
+
+
+def attention_mask_from_masks(mask_logits: Tensor, num_auxiliary_queries: int, num_heads: int) -> Tensor:
+    """Masked-attention mask from predicted mask logits [B, Q, h, w] -> bool [B*heads, Q+A, h*w] (True = blocked).
+
+    A query attends only where its predicted mask is positive; auxiliary queries and queries with an empty mask
+    attend everywhere.
+    """
+    blocked = mask_logits.flatten(2) < 0
+    blocked = F.pad(blocked, (0, 0, 0, num_auxiliary_queries), value=False)
+    # Element-wise "an all-blocked row attends everywhere": the in-place indexed form exports badly to ONNX.
+    blocked = blocked & ~blocked.all(dim=-1, keepdim=True)
+    return blocked.repeat_interleave(num_heads, dim=0).detach()
+
+
+class FastInstDecoder(nn.Module):
+    """The dual-path Transformer decoder with one prediction head before the first layer and one after each."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_auxiliary_queries = config.num_auxiliary_queries
+        self.layers = nn.ModuleList(FastInstDualPathDecoderLayer(config) for _ in range(config.decoder_layers))
+        self.prediction_heads = nn.ModuleList(
+            FastInstPredictionHead(config) for _ in range(config.decoder_layers + 1)
+        )
+
+    def attention_mask(self, mask_logits: Tensor) -> Tensor:
+        return attention_mask_from_masks(mask_logits, self.num_auxiliary_queries, self.num_heads)
+
+    def forward(
+        self,
+        query_states: Tensor,
+        pixel_states: Tensor,
+        query_position_embeddings: Tensor,
+        pixel_position_embeddings: Tensor,
+        size: tuple[int, int],
+        predict_all_classes: bool,
+    ):
+        """Runs every layer. Returns per head (initial + one per layer) the class logits (None for the earlier heads
+        unless `predict_all_classes`) and mask logits, and the queries and pixels before and after each layer."""
+        last_head = len(self.prediction_heads) - 1
+        predictions = [self.prediction_heads[0](query_states, pixel_states, size, predict_all_classes or last_head == 0)]
+        all_query_states, all_pixel_states = [query_states], [pixel_states]
+        for index, layer in enumerate(self.layers):
+            query_states, pixel_states = layer(
+                query_states,
+                pixel_states,
+                query_position_embeddings,
+                pixel_position_embeddings,
+                self.attention_mask(predictions[-1][1]),
+            )
+            head = self.prediction_heads[index + 1]
+            predictions.append(head(query_states, pixel_states, size, predict_all_classes or index + 1 == last_head))
+            all_query_states.append(query_states)
+            all_pixel_states.append(pixel_states)
+        return predictions, tuple(all_query_states), tuple(all_pixel_states)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+class FastInstPreTrainedModel(PreTrainedModel):
+    config: FastInstConfig
+    config_class = FastInstConfig
+    base_model_prefix = "model"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+
+    def _init_weights(self, module: nn.Module):
+        if isinstance(module, FastInstModel):
+            init.trunc_normal_(module.position_embedding, std=self.config.init_std)
+        elif isinstance(module, FastInstConvNormLayer):
+            # detectron2's c2_xavier_fill
+            init.kaiming_uniform_(module.conv.weight, a=1)
+        elif isinstance(module, FastInstAttentionLayer):
+            for parameter in module.attention.parameters():
+                if parameter.dim() > 1:
+                    init.xavier_uniform_(parameter)
+            init.zeros_(module.attention.in_proj_bias)
+            init.zeros_(module.attention.out_proj.bias)
+        elif isinstance(module, FastInstFeedForwardLayer):
+            init.xavier_uniform_(module.fc1.weight)
+            init.xavier_uniform_(module.fc2.weight)
+            init.zeros_(module.fc1.bias)
+            init.zeros_(module.fc2.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, std=1.0)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.Conv2d)):
+            # torch's default initialisation, which the official heads and proposal classifier keep
+            init.kaiming_uniform_(module.weight, a=5**0.5)
+            if module.bias is not None:
+                bound = module.weight[0].numel() ** -0.5
+                init.uniform_(module.bias, -bound, bound)
+
+
+class FastInstModel(FastInstPreTrainedModel):
+    """Backbone, PPM-FPN pixel decoder, IA-guided query proposal and dual-path decoder with its prediction heads.
+
+    `forward` takes `pixel_values` normalised and zero-padded at the bottom/right to a multiple of 32 (what
+    [`FastInstImageProcessor`] returns).
+    """
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__(config)
+        self.backbone = build_backbone(config)
+        self.pixel_decoder = FastInstPixelDecoder(config, list(self.backbone.num_features[-3:]))
+        size = config.position_embedding_size
+        self.position_embedding = nn.Parameter(torch.empty(1, config.hidden_dim, size, size))
+        self.query_proposal = FastInstQueryProposal(config)
+        self.decoder = FastInstDecoder(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        pixel_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_auxiliary_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FastInstModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Normalised images, zero-padded to a multiple of 32.
+        pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Accepted for compatibility with the image processor and pipelines; like the official model, FastInst
+            does not mask the padding (the padded zeros are part of the input it was trained on).
+        """
+        output_hidden_states = (
+            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
+        )
+        output_auxiliary_logits = (
+            output_auxiliary_logits if output_auxiliary_logits is not None else self.config.output_auxiliary_logits
+        )
+        features = tuple(self.backbone(pixel_values).feature_maps[-3:])
+        multi_scale = self.pixel_decoder(features)
+        proposal_map, pixel_map = multi_scale[1], multi_scale[2]
+
+        proposal_position = F.interpolate(
+            self.position_embedding, size=proposal_map.shape[-2:], mode="bilinear", align_corners=False
+        )
+        pixel_position = F.interpolate(
+            self.position_embedding, size=pixel_map.shape[-2:], mode="bilinear", align_corners=False
+        )
+        queries, query_position, proposal_logits, proposal_indices, query_locations = self.query_proposal(
+            proposal_map, proposal_position
+        )
+        pixel_states = pixel_map.flatten(2).transpose(1, 2)
+        pixel_position = pixel_position.flatten(2).transpose(1, 2)
+        predictions, query_hidden_states, pixel_hidden_states = self.decoder(
+            queries,
+            pixel_states,
+            query_position,
+            pixel_position,
+            tuple(pixel_map.shape[-2:]),
+            predict_all_classes=self.training or output_auxiliary_logits,
+        )
+        output = FastInstModelOutput(
+            class_queries_logits=predictions[-1][0],
+            masks_queries_logits=predictions[-1][1],
+            auxiliary_logits=[
+                {"class_queries_logits": class_logits, "masks_queries_logits": mask_logits}
+                for class_logits, mask_logits in predictions[:-1]
+            ],
+            proposal_logits=proposal_logits,
+            proposal_indices=proposal_indices,
+            query_locations=query_locations,
+            query_position_embeddings=query_position,
+            pixel_position_embeddings=pixel_position,
+            query_hidden_states=query_hidden_states,
+            pixel_hidden_states=pixel_hidden_states,
+            encoder_hidden_states=features if output_hidden_states else None,
+            pixel_decoder_hidden_states=multi_scale if output_hidden_states else None,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+
+class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
+    """FastInst with its training losses. Give `mask_labels` and `class_labels` to get `loss`; at inference use
+    [`FastInstImageProcessor.post_process_instance_segmentation`] on the output."""
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__(config)
+        self.model = FastInstModel(config)
+        self.criterion = FastInstLoss(config)
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: Tensor,
+        mask_labels: list[Tensor] | None = None,
+        class_labels: list[Tensor] | None = None,
+        pixel_mask: Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_auxiliary_logits: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> FastInstForInstanceSegmentationOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
+            Normalised images, zero-padded to a multiple of 32.
+        mask_labels (`list[torch.Tensor]`, *optional*):
+            Per image, the ground-truth instance masks `(num_instances, height, width)` at the padded input size.
+        class_labels (`list[torch.LongTensor]`, *optional*):
+            Per image, the contiguous class id `(num_instances,)` of each mask.
+        pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
+            Accepted and ignored, see [`FastInstModel.forward`].
+        """
+        if (mask_labels is None) != (class_labels is None):
+            raise ValueError("mask_labels and class_labels must be given together")
+        outputs = self.model(
+            pixel_values,
+            pixel_mask=pixel_mask,
+            output_hidden_states=output_hidden_states,
+            output_auxiliary_logits=output_auxiliary_logits or mask_labels is not None,
+            return_dict=True,
+        )
+        auxiliary_logits = outputs.auxiliary_logits
+        loss = loss_dict = None
+        if mask_labels is not None:
+            guided = self.gt_mask_guided_predictions(outputs, mask_labels, class_labels)
+            predictions = [
+                {"class_logits": p["class_queries_logits"], "mask_logits": p["masks_queries_logits"], "matching_indices": None}
+                for p in auxiliary_logits
+            ]
+            final = {
+                "class_logits": outputs.class_queries_logits,
+                "mask_logits": outputs.masks_queries_logits,
+                "matching_indices": None,
+            }
+            loss_dict = self.criterion(
+                guided + predictions + [final],
+                outputs.proposal_logits,
+                outputs.query_locations,
+                mask_labels,
+                class_labels,
+            )
+            loss = sum(loss_dict.values())
+            auxiliary_logits = [
+                {"class_queries_logits": p["class_logits"], "masks_queries_logits": p["mask_logits"]} for p in guided
+            ] + auxiliary_logits
+        output = FastInstForInstanceSegmentationOutput(
+            loss=loss,
+            loss_dict=loss_dict,
+            class_queries_logits=outputs.class_queries_logits,
+            masks_queries_logits=outputs.masks_queries_logits,
+            auxiliary_logits=auxiliary_logits,
+            proposal_logits=outputs.proposal_logits,
+            proposal_indices=outputs.proposal_indices,
+            encoder_hidden_states=outputs.encoder_hidden_states,
+            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
+            query_hidden_states=outputs.query_hidden_states,
+            pixel_hidden_states=outputs.pixel_hidden_states,
+        )
+        return output if return_dict is not False else output.to_tuple()
+
+    def gt_mask_guided_predictions(
+        self, outputs: FastInstModelOutput, mask_labels: list[Tensor], class_labels: list[Tensor]
+    ) -> list[dict]:
+        """GT-mask-guided learning (training only): each layer i is run again on its own output, with an attention
+        mask that lets every matched query see only its ground-truth mask, then prediction head i+1 is applied.
+
+        As upstream, the queries are matched once, on the last head's predictions, and those matches are reused by
+        the losses of these predictions.
+        """
+        decoder = self.model.decoder
+        mask_size = tuple(outputs.masks_queries_logits.shape[-2:])
+        matching_indices = self.criterion.matcher(
+            outputs.class_queries_logits, outputs.masks_queries_logits, outputs.query_locations, mask_labels, class_labels
+        )
+        gt_attention_mask = build_gt_attention_mask(
+            matching_indices,
+            mask_labels,
+            mask_size,
+            outputs.query_hidden_states[0].shape[1],
+            decoder.num_heads,
+        )
+        guided = []
+        for index, layer in enumerate(decoder.layers):
+            query_states, pixel_states = layer(
+                outputs.query_hidden_states[index + 1],
+                outputs.pixel_hidden_states[index + 1],
+                outputs.query_position_embeddings,
+                outputs.pixel_position_embeddings,
+                gt_attention_mask,
+            )
+            class_logits, mask_logits = decoder.prediction_heads[index + 1](query_states, pixel_states, mask_size)
+            guided.append({"class_logits": class_logits, "mask_logits": mask_logits, "matching_indices": matching_indices})
+        return guided
+
+
+__all__ = ["FastInstPreTrainedModel", "FastInstModel", "FastInstForInstanceSegmentation"]

@@ -1,0 +1,256 @@
+"""FastInst model: parity with the official implementation on the shipped fixtures, shapes, save/load."""
+
+import pytest
+import torch
+from conftest import FIXTURES, fixture_pixel_values, load_eval_fixture, load_train_fixture
+
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, FastInstModel
+from fastinst_hf.convert_fastinst import convert_checkpoint
+from fastinst_hf.modeling_fastinst import FastInstQueryProposal, attention_mask_from_masks
+
+# Relative tolerance `max|a-b| <= tol * max|ref|`, from the fixtures' README: 1e-4 per stage; the decoder end to end
+# is compared after checking that no attention-mask bit differs, so the same bound applies there.
+REL_TOL = 1e-4
+
+
+def assert_close_rel(actual, expected, tol=REL_TOL, name=""):
+    expected = expected.to(actual.dtype)
+    error = (actual - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    assert error <= tol * scale, f"{name}: max abs diff {error:.3g} > {tol} x {scale:.3g}"
+
+
+_MODELS = {}
+
+
+def converted_model(variant):
+    """The fixture's official weights converted with the converter (cached per variant: each test reads it)."""
+    if variant not in _MODELS:
+        _MODELS[variant] = convert_checkpoint(
+            FIXTURES / variant / "model_state_dict.pt", config_file=FIXTURES / variant / "config.yaml"
+        )
+    return _MODELS[variant]
+
+
+def seq_first(tensor):
+    """Fixture tensors are sequence-first [L, B, C]; ours are batch-first [B, L, C]."""
+    return tensor.transpose(0, 1)
+
+
+@pytest.fixture(scope="module")
+def eval_outputs():
+    results = {}
+    for variant in ("d1_r50slim_small", "d3_r50slim_small"):
+        model = converted_model(variant)
+        with torch.no_grad():
+            output = model.model(fixture_pixel_values(variant), output_hidden_states=True, output_auxiliary_logits=True)
+        results[variant] = output
+    return results
+
+
+def test_encoder_and_pixel_decoder_match_official(variant, eval_outputs):
+    reference, output = load_eval_fixture(variant), eval_outputs[variant]
+    assert_close_rel(fixture_pixel_values(variant), reference["images_tensor"], 0, "images_tensor")
+    for index, name in enumerate(("res3", "res4", "res5")):
+        assert_close_rel(output.encoder_hidden_states[index], reference[f"backbone.{name}"], name=name)
+    for index in range(3):
+        key = f"pixel_decoder.multi_scale.{index}"
+        assert_close_rel(output.pixel_decoder_hidden_states[index], reference[key], name=key)
+
+
+def test_query_proposal_matches_official(variant, eval_outputs):
+    reference, output = load_eval_fixture(variant), eval_outputs[variant]
+    assert_close_rel(output.proposal_logits, reference["query_proposal.proposal_cls_logits"], name="proposal logits")
+    score_map = FastInstQueryProposal.score_map(reference["query_proposal.proposal_cls_logits"])
+    assert_close_rel(score_map, reference["query_proposal.score_map"], name="score map")
+    assert torch.equal(output.proposal_indices, reference["query_proposal.topk_indices"])
+    assert_close_rel(output.query_hidden_states[0], seq_first(reference["decoder.query_in"]), name="query_in")
+    assert_close_rel(
+        output.query_position_embeddings, seq_first(reference["decoder.query_pos_embeds"]), name="query pos"
+    )
+    assert_close_rel(output.pixel_hidden_states[0], seq_first(reference["decoder.pixel_in"]), name="pixel_in")
+    assert_close_rel(
+        output.pixel_position_embeddings, seq_first(reference["decoder.pixel_pos_embeds"]), name="pixel pos"
+    )
+
+
+def test_decoder_layers_in_isolation_match_official(variant):
+    """Each layer fed the official inputs and attention mask reproduces the official outputs (no mask flips)."""
+    reference, model = load_eval_fixture(variant), converted_model(variant)
+    decoder = model.model.decoder
+    query_position = seq_first(reference["decoder.query_pos_embeds"])
+    pixel_position = seq_first(reference["decoder.pixel_pos_embeds"])
+    queries, pixels = seq_first(reference["decoder.query_in"]), seq_first(reference["decoder.pixel_in"])
+    for index, layer in enumerate(decoder.layers):
+        mask = reference[f"decoder.layer{index}.attn_mask"].repeat_interleave(decoder.num_heads, dim=0)
+        with torch.no_grad():
+            new_queries, new_pixels = layer(queries, pixels, query_position, pixel_position, mask)
+        prefix = f"decoder.layer{index}."
+        assert_close_rel(new_pixels, seq_first(reference[prefix + "pixel_out"]), name=prefix + "pixel_out")
+        assert_close_rel(new_queries, seq_first(reference[prefix + "query_out"]), name=prefix + "query_out")
+        queries, pixels = seq_first(reference[prefix + "query_out"]), seq_first(reference[prefix + "pixel_out"])
+
+
+def test_end_to_end_predictions_match_official(variant, eval_outputs):
+    reference, output = load_eval_fixture(variant), eval_outputs[variant]
+    config = converted_model(variant).config
+    for index in range(config.decoder_layers):
+        predicted = output.auxiliary_logits[index]["masks_queries_logits"]
+        mask = attention_mask_from_masks(predicted, config.num_auxiliary_queries, config.num_attention_heads)
+        official = reference[f"decoder.layer{index}.attn_mask"]
+        assert torch.equal(mask[:: config.num_attention_heads], official), f"attention mask of layer {index}"
+        assert_close_rel(predicted, reference[f"aux_outputs.{index}.pred_masks"], name=f"aux {index} masks")
+        assert_close_rel(
+            output.query_hidden_states[index + 1], seq_first(reference[f"decoder.layer{index}.query_out"])
+        )
+        assert_close_rel(
+            output.pixel_hidden_states[index + 1], seq_first(reference[f"decoder.layer{index}.pixel_out"])
+        )
+    assert_close_rel(output.class_queries_logits, reference["pred_logits"], name="pred_logits")
+    assert_close_rel(output.masks_queries_logits, reference["pred_masks"], name="pred_masks")
+
+
+def test_training_losses_match_official(variant, monkeypatch):
+    """Train-mode forward of the converted model with the official random draws replayed: every loss term."""
+    fixture = load_train_fixture(variant)
+    model = converted_model(variant)
+    draws = iter(fixture["torch_rand_calls"])
+
+    def replay_rand(*size, **kwargs):
+        draw = next(draws)
+        assert tuple(draw.shape) == tuple(size)
+        return draw.clone().to(kwargs.get("device") or "cpu")
+
+    monkeypatch.setattr(torch, "rand", replay_rand)
+    pixel_values = fixture_pixel_values(variant)
+    gt_masks = fixture["gt_masks"].float()
+    padded = torch.zeros(gt_masks.shape[0], *pixel_values.shape[-2:])
+    padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
+    model.train()
+    try:
+        output = model(pixel_values, mask_labels=[padded], class_labels=[fixture["gt_labels"]])
+    finally:
+        model.eval()
+    assert next(draws, None) is None, "not every recorded random draw was used"
+    assert set(output.loss_dict) == set(fixture["losses"])
+    for key, expected in fixture["losses"].items():
+        assert abs(output.loss_dict[key].item() - expected.item()) <= 1e-4 * abs(expected.item()), key
+    assert abs(output.loss.item() - fixture["loss_total"].item()) <= 1e-4 * fixture["loss_total"].item()
+    predictor = fixture["predictor_outputs"]
+    assert_close_rel(output.class_queries_logits, predictor["pred_logits"], name="train pred_logits")
+    for index, official in enumerate(predictor["aux_outputs"]):
+        ours = output.auxiliary_logits[index]
+        assert_close_rel(ours["class_queries_logits"], official["pred_logits"], name=f"train aux {index} logits")
+        assert_close_rel(ours["masks_queries_logits"], official["pred_masks"], name=f"train aux {index} masks")
+    output.loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    model.zero_grad(set_to_none=True)
+
+
+def tiny_config(**kwargs):
+    from transformers import ResNetConfig
+
+    backbone = ResNetConfig(
+        embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+    )
+    params = dict(
+        backbone_config=backbone, pixel_decoder_channels=32, hidden_dim=32, mask_dim=32, group_norm_groups=8,
+        num_attention_heads=4, dim_feedforward=64, decoder_layers=2, num_queries=20, num_auxiliary_queries=4,
+        id2label={0: "a", 1: "b", 2: "c"}, train_num_points=64,
+    )
+    params.update(kwargs)
+    return FastInstConfig(**params)
+
+
+def test_output_shapes_batch_and_tuple_output():
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 96, 128)
+    with torch.no_grad():
+        output = model(pixel_values)
+        as_tuple = model(pixel_values, return_dict=False)
+    assert output.class_queries_logits.shape == (2, 20, 4)
+    assert output.masks_queries_logits.shape == (2, 20, 12, 16)
+    assert output.proposal_logits.shape == (2, 4, 6, 8)
+    assert output.proposal_indices.shape == (2, 20)
+    assert len(output.auxiliary_logits) == 2 and output.auxiliary_logits[0]["class_queries_logits"] is None
+    assert output.encoder_hidden_states is None
+    assert torch.equal(as_tuple[0], output.class_queries_logits)
+    # Each image of a batch gives the same result as alone.
+    with torch.no_grad():
+        single = model(pixel_values[1:])
+    torch.testing.assert_close(single.masks_queries_logits[0], output.masks_queries_logits[1], atol=1e-4, rtol=1e-4)
+
+
+def test_base_model_and_frozen_backbone_norms():
+    model = FastInstModel(tiny_config())
+    norms = [m for m in model.backbone.modules() if "BatchNorm" in type(m).__name__]
+    assert norms and all(type(m).__name__ == "FastInstFrozenBatchNorm2d" for m in norms)
+    assert not any("backbone" in name and "norm" in name for name, _ in model.named_parameters())
+    assert torch.isfinite(model.position_embedding).all() and model.position_embedding.std() > 0
+
+
+def test_save_pretrained_round_trip(tmp_path):
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").is_file()
+    loaded = FastInstForInstanceSegmentation.from_pretrained(tmp_path).eval()
+    pixel_values = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        expected, actual = model(pixel_values), loaded(pixel_values)
+    assert torch.equal(expected.class_queries_logits, actual.class_queries_logits)
+    assert torch.equal(expected.masks_queries_logits, actual.masks_queries_logits)
+    base = FastInstModel.from_pretrained(tmp_path)
+    assert torch.equal(base.position_embedding, model.model.position_embedding)
+
+
+def test_training_step_with_empty_image_and_batch():
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).train()
+    pixel_values = torch.randn(2, 3, 96, 96)
+    masks = torch.zeros(2, 96, 96)
+    masks[0, 10:30, 10:40] = 1
+    masks[1, 40:60, 5:20] = 1
+    output = model(
+        pixel_values,
+        mask_labels=[masks, torch.zeros(0, 96, 96)],
+        class_labels=[torch.tensor([0, 2]), torch.zeros(0, dtype=torch.long)],
+    )
+    # 2 layers: 2 guided + 2 intermediate heads of deep supervision, each with ce/mask/dice, + final 3 + proposal.
+    assert len(output.loss_dict) == 4 * 3 + 3 + 1
+    assert len(output.auxiliary_logits) == 4
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    with pytest.raises(ValueError, match="together"):
+        model(pixel_values, mask_labels=[masks])
+    with pytest.raises(ValueError, match="fewer than num_queries"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+def test_position_embedding_grid_is_independent_of_query_count():
+    config = tiny_config(num_queries=3, position_embedding_size=7)
+    model = FastInstModel(config).eval()
+    assert model.position_embedding.shape == (1, 32, 7, 7)
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 64, 64))
+    assert output.masks_queries_logits.shape == (1, 3, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "variant, expected_millions",
+    [
+        ("fastinst-d1-r50", 29.76),
+        ("fastinst-d3-r50", 34.28),
+        ("fastinst-d3-r101", 53.33),
+        ("fastinst-d1-r50-vd-dcn", 30.28),
+        ("fastinst-d3-r50-vd-dcn", 34.80),
+    ],
+)
+def test_official_variant_sizes(variant, expected_millions):
+    """State-dict element counts (parameters + frozen-BN buffers) equal the sums of the official key shapes."""
+    with torch.device("meta"):
+        model = FastInstForInstanceSegmentation(FastInstConfig.from_variant(variant))
+    total = sum(t.numel() for t in model.state_dict().values())
+    assert round(total / 1e6, 2) == expected_millions
