@@ -200,8 +200,9 @@ def test_save_pretrained_round_trip(tmp_path):
     pixel_values = torch.randn(1, 3, 64, 96)
     with torch.no_grad():
         expected, actual = model(pixel_values), loaded(pixel_values)
-    assert torch.equal(expected.class_queries_logits, actual.class_queries_logits)
-    assert torch.equal(expected.masks_queries_logits, actual.masks_queries_logits)
+    # Same weights; only float rounding may differ (loaded tensors have another memory alignment, so other kernels).
+    torch.testing.assert_close(actual.class_queries_logits, expected.class_queries_logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-5, atol=1e-5)
     base = FastInstModel.from_pretrained(tmp_path)
     assert torch.equal(base.position_embedding, model.model.position_embedding)
 

@@ -6,6 +6,7 @@ lists the keys.
 """
 
 import re
+import sys
 import zipfile
 from pathlib import Path
 
@@ -294,15 +295,16 @@ def convert_state_dict(
         for k in converted
         if k in expected and converted[k].shape != expected[k].shape
     ]
-    problems = []
-    if unmapped:
-        problems.append(f"official keys with no mapping ({len(unmapped)}): {unmapped}")
-    if unexpected:
-        problems.append(f"mapped keys the model does not have ({len(unexpected)}): {unexpected}")
-    if missing:
-        problems.append(f"model keys the checkpoint does not provide ({len(missing)}): {missing}")
-    if mismatched:
-        problems.append(f"shape mismatches ({len(mismatched)}): {mismatched}")
+    problems = [
+        f"{title} ({len(keys)}): {keys[:10]}" + (f" and {len(keys) - 10} more" if len(keys) > 10 else "")
+        for title, keys in (
+            ("official keys with no mapping", unmapped),
+            ("mapped keys the model does not have", unexpected),
+            ("model keys the checkpoint does not provide", missing),
+            ("shape mismatches", mismatched),
+        )
+        if keys
+    ]
     if problems:
         raise CheckpointConversionError(
             f"{source} does not match the model configuration:\n  " + "\n  ".join(problems)
@@ -343,3 +345,48 @@ def official_checkpoint_url(variant: str) -> str:
     if variant not in VARIANTS:
         raise ValueError(f"unknown FastInst variant {variant!r}; choose one of {sorted(VARIANTS)}")
     return OFFICIAL_RELEASE_URL + VARIANTS[variant]["checkpoint"]
+
+
+def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None) -> Path:
+    """Write `model` and its image processor to `output_dir` (and push both to the Hub repo `push_to_hub`)."""
+    from .image_processing_fastinst import FastInstImageProcessor
+
+    output_dir = Path(output_dir)
+    config = model.config
+    processor = FastInstImageProcessor(
+        size={"shortest_edge": config.test_shortest_edge, "longest_edge": config.test_longest_edge},
+        num_detections=config.num_detections,
+    )
+    model.save_pretrained(output_dir)
+    processor.save_pretrained(output_dir)
+    if push_to_hub:
+        from .hub import push_model_to_hub
+
+        push_model_to_hub(model, processor, push_to_hub)
+    return output_dir
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Convert an official FastInst checkpoint to a transformers folder.")
+    parser.add_argument("--checkpoint", required=True, help="official .pth file (detectron2 checkpoint or state dict)")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", help="upstream config YAML (its _BASE_ is followed) or a detectron2 cfg dump")
+    source.add_argument("--variant", choices=sorted(VARIANTS), help="one of the five released COCO models")
+    parser.add_argument("--output-dir", required=True, help="folder to write config.json and model.safetensors to")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push model, processor and model card here")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        model = convert_checkpoint(args.checkpoint, config_file=args.config, variant=args.variant)
+    except (FileNotFoundError, CheckpointConversionError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    output_dir = save_converted(model, args.output_dir, args.push_to_hub)
+    num_parameters = sum(t.numel() for t in model.state_dict().values())
+    print(f"converted {args.checkpoint} ({num_parameters / 1e6:.2f}M values) -> {output_dir}")
+    return 0
