@@ -498,6 +498,18 @@ class FastInstPreTrainedModel(PreTrainedModel):
     main_input_name = "pixel_values"
     input_modalities = ("image",)
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # `pipeline("image-segmentation")` loads remote code through AutoModelForImageSegmentation, while
+        # `register_for_auto_class` records a single Auto class per model class: name every entry point here.
+        self.config.auto_map = {
+            **(getattr(self.config, "auto_map", None) or {}),
+            "AutoConfig": "configuration_fastinst.FastInstConfig",
+            "AutoModel": "modeling_fastinst.FastInstModel",
+            "AutoModelForInstanceSegmentation": "modeling_fastinst.FastInstForInstanceSegmentation",
+            "AutoModelForImageSegmentation": "modeling_fastinst.FastInstForInstanceSegmentation",
+        }
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     def _init_weights(self, module: nn.Module):
         if isinstance(module, FastInstModel):
             init.trunc_normal_(module.position_embedding, std=self.config.init_std)

@@ -31,6 +31,8 @@ class FastInstResNetVdDeformConv2d(nn.Module):
         self.stride = stride
         self.padding = padding
         self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel_size, kernel_size))
+        # nn.Conv2d's default, so the module is usable on its own (inside the backbone `_init_weights` sets it).
+        nn.init.kaiming_uniform_(self.weight, a=5**0.5)
 
     def forward(self, hidden_state: Tensor, offset: Tensor) -> Tensor:
         output = deform_conv2d(

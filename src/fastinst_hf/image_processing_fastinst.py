@@ -1,0 +1,606 @@
+"""Image processor for FastInst (torchvision backend) and the shared FastInst pre/post-processing logic.
+
+Test-time preprocessing reproduces the official FastInst / detectron2 `DefaultPredictor` pipeline:
+RGB uint8 -> `ResizeShortestEdge` (detectron2 rounding) with bilinear resampling -> `(x - mean) / std` on
+0-255 values -> zero padding at the bottom/right to a multiple of `size_divisor` and to the batch maximum.
+
+Post-processing reproduces the official `FastInst.instance_inference`, but selects the top-k
+(query, class) pairs first and only upsamples the masks of the kept queries.
+"""
+
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from torch.nn import functional as F
+from torchvision.transforms.v2 import functional as tvF
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_utils import BatchFeature
+from transformers.image_utils import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ChannelDimension,
+    ImageInput,
+    PILImageResampling,
+    SizeDict,
+)
+from transformers.models.mask2former.image_processing_mask2former import binary_mask_to_rle
+from transformers.processing_utils import ImagesKwargs, Unpack
+
+# The mask logits of FastInst are predicted at stride 8 of the padded input.
+MASK_STRIDE = 8
+
+
+class FastInstImageProcessorKwargs(ImagesKwargs, total=False):
+    r"""
+    size_divisor (`int`, *optional*, defaults to `32`):
+        The padded height and width are rounded up to a multiple of this number (the backbone's output stride).
+    num_detections (`int`, *optional*, defaults to `100`):
+        Number of (query, class) pairs kept by the top-k of the instance post-processing (detectron2's
+        `TEST.DETECTIONS_PER_IMAGE`).
+    ignore_index (`int`, *optional*):
+        Segment id of `segmentation_maps` that is not an instance (background / void); no mask is made for it.
+    do_reduce_labels (`bool`, *optional*, defaults to `False`):
+        Whether to map segment id 0 to `ignore_index` and subtract 1 from every other id of `segmentation_maps`.
+    """
+
+    size_divisor: int
+    num_detections: int
+    ignore_index: int | None
+    do_reduce_labels: bool
+
+
+def get_fastinst_output_image_size(
+    height: int, width: int, shortest_edge: int, longest_edge: int
+) -> tuple[int, int]:
+    """
+    detectron2's `ResizeShortestEdge.get_output_shape`: the short side becomes `shortest_edge` unless the long side
+    would then exceed `longest_edge`, in which case the long side becomes `longest_edge`; sides are rounded with
+    `int(x + 0.5)` (transformers' own helper floors, which gives other sizes).
+
+    Returns:
+        `tuple[int, int]`: the resized `(height, width)`, each at least 1.
+    """
+    if height <= 0 or width <= 0:
+        raise ValueError(f"Image height and width must be positive, got ({height}, {width}).")
+    # Same float operations and order as detectron2, so .5 ties round identically.
+    scale = shortest_edge * 1.0 / min(height, width)
+    if height < width:
+        new_height, new_width = float(shortest_edge), scale * width
+    else:
+        new_height, new_width = scale * height, float(shortest_edge)
+    if max(new_height, new_width) > longest_edge:
+        scale = longest_edge * 1.0 / max(new_height, new_width)
+        new_height, new_width = new_height * scale, new_width * scale
+    return max(int(new_height + 0.5), 1), max(int(new_width + 0.5), 1)
+
+
+def get_padded_size(sizes: list[tuple[int, int]], size_divisor: int) -> tuple[int, int]:
+    """Batch padded `(height, width)`: the largest height/width rounded up to a multiple of `size_divisor`."""
+    height = max(size[0] for size in sizes)
+    width = max(size[1] for size in sizes)
+    if size_divisor and size_divisor > 1:
+        height = -(-height // size_divisor) * size_divisor
+        width = -(-width // size_divisor) * size_divisor
+    return height, width
+
+
+def _flatten_images(images: Any) -> list:
+    """A single image, a list of images or a list of lists of images -> flat list (2-D grayscale arrays allowed)."""
+    if isinstance(images, (list, tuple)):
+        return [image for item in images for image in _flatten_images(item)]
+    return [images]
+
+
+def _to_rgb_uint8_or_float(
+    image: Any, index: int, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None = None
+) -> np.ndarray | torch.Tensor:
+    """
+    Bring one raw input image to channels-last `(H, W, 3)` with dtype uint8 or float (0-255 values).
+
+    - PIL images are converted with `PIL.Image.convert("RGB")`, which is what detectron2's `read_image` does
+      (grayscale -> 3 equal channels, RGBA -> alpha dropped, palette -> RGB).
+    - numpy arrays / torch tensors may be `(H, W)`, `(H, W, C)` or `(C, H, W)` with C in {1, 3, 4}: one channel is
+      repeated, a fourth (alpha) channel is dropped. When both layouts fit (e.g. a `(3, 5, 3)` image) and
+      `input_data_format` is not given, numpy arrays are read as channels-last and tensors as channels-first.
+    - 16-bit images (PIL "I;16*" modes, uint16 arrays) are mapped to 8 bits with `round(x / 257)`, which maps
+      0..65535 linearly onto 0..255 (exact for 8-bit data stored as 16 bits). Other integer dtypes, and the
+      PIL "I"/"F" modes, have no defined range and are rejected.
+    - float inputs are taken as 0-255 values (as upstream's float32 model input).
+    """
+    if isinstance(image, PIL.Image.Image):
+        if image.mode.startswith("I;16"):
+            image = np.asarray(image).astype(np.uint16)
+        elif image.mode in ("I", "F"):
+            raise ValueError(
+                f"Image {index}: PIL mode {image.mode!r} has no defined value range; convert it to an 8-bit 'RGB' "
+                "or 'L' image (or a uint8 array) first."
+            )
+        else:
+            return np.array(image.convert("RGB") if do_convert_rgb else image)
+
+    is_torch = isinstance(image, torch.Tensor)
+    if not is_torch and not isinstance(image, np.ndarray):
+        raise TypeError(f"Image {index}: expected a PIL image, numpy array or torch tensor, got {type(image)}.")
+    if image.ndim == 2:
+        image = image[..., None]
+    if image.ndim != 3:
+        raise ValueError(
+            f"Image {index}: expected shape (H, W), (H, W, C) or (C, H, W) with C in (1, 3, 4), got "
+            f"{tuple(image.shape)}."
+        )
+    if input_data_format is None:
+        first, last = image.shape[0] in (1, 3, 4), image.shape[-1] in (1, 3, 4)
+        if not (first or last):
+            raise ValueError(
+                f"Image {index}: expected 1, 3 or 4 channels in the first or last dimension, got shape "
+                f"{tuple(image.shape)}."
+            )
+        channels_first = first and (is_torch or not last)
+    else:
+        channels_first = ChannelDimension(input_data_format) == ChannelDimension.FIRST
+    if channels_first:
+        image = image.permute(1, 2, 0) if is_torch else np.moveaxis(image, 0, -1)
+
+    dtype = str(image.dtype).replace("torch.", "")
+    if dtype == "uint16":
+        scaled = (image.to(torch.float32) if is_torch else image.astype(np.float32)) / 257.0
+        image = scaled.round().to(torch.uint8) if is_torch else np.rint(scaled).astype(np.uint8)
+    elif dtype != "uint8" and not dtype.startswith(("float", "bfloat")):
+        raise ValueError(
+            f"Image {index}: expected dtype uint8, uint16 or float (0-255 values), got {dtype}. Other integer "
+            "types have no defined value range."
+        )
+
+    if do_convert_rgb:
+        channels = image.shape[-1]
+        if channels == 1:
+            image = image.expand(-1, -1, 3) if is_torch else np.repeat(image, 3, axis=-1)
+        elif channels == 4:
+            image = image[..., :3]
+    return image
+
+
+def _masks_from_segmentation_map(
+    segmentation_map: torch.Tensor,
+    instance_id_to_semantic_id: dict[int, int] | None,
+    ignore_index: int | None,
+    do_reduce_labels: bool,
+    index: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(H, W)` map of segment ids -> `(N, H, W)` bool masks and `(N,)` long labels, segments in increasing id."""
+    if do_reduce_labels:
+        if ignore_index is None:
+            raise ValueError("`do_reduce_labels=True` needs `ignore_index` to mark the former label 0.")
+        segmentation_map = torch.where(segmentation_map == 0, ignore_index, segmentation_map - 1)
+    segment_ids = torch.unique(segmentation_map)
+    if ignore_index is not None:
+        segment_ids = segment_ids[segment_ids != ignore_index]
+    masks = segmentation_map[None] == segment_ids[:, None, None]
+    if instance_id_to_semantic_id is None:
+        return masks, segment_ids.long()
+    labels = []
+    for segment_id in segment_ids.tolist():
+        key = segment_id + 1 if do_reduce_labels else segment_id
+        if key not in instance_id_to_semantic_id:
+            raise ValueError(
+                f"Segmentation map {index}: instance id {key} is missing from `instance_id_to_semantic_id`."
+            )
+        label = instance_id_to_semantic_id[key]
+        labels.append(label - 1 if do_reduce_labels else label)
+    return masks, torch.tensor(labels, dtype=torch.long)
+
+
+class FastInstImageProcessingMixin:
+    """Backend-independent parts of the FastInst image processors: input checks, targets and post-processing."""
+
+    def _check_and_convert_images(
+        self, images: ImageInput, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None
+    ) -> list:
+        images = _flatten_images(self.fetch_images(images))
+        return [
+            _to_rgb_uint8_or_float(image, index, do_convert_rgb, input_data_format)
+            for index, image in enumerate(images)
+        ]
+
+    def _targets_to_masks(
+        self,
+        num_images: int,
+        segmentation_maps: ImageInput | None,
+        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None,
+        annotations: list[dict] | None,
+        ignore_index: int | None,
+        do_reduce_labels: bool,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+        """Per image `(N_i, H, W)` bool masks at the input image size and `(N_i,)` long labels, or None."""
+        if segmentation_maps is not None and annotations is not None:
+            raise ValueError("Pass either `segmentation_maps` or `annotations`, not both.")
+        if segmentation_maps is None and annotations is None:
+            return None
+        masks_list, labels_list = [], []
+        if annotations is not None:
+            if isinstance(annotations, dict):
+                annotations = [annotations]
+            if len(annotations) != num_images:
+                raise ValueError(f"Got {num_images} images but {len(annotations)} annotations.")
+            for index, annotation in enumerate(annotations):
+                if "masks" not in annotation or "labels" not in annotation:
+                    raise ValueError(f"Annotation {index}: expected keys 'masks' (N, H, W) and 'labels' (N,).")
+                masks = annotation["masks"]
+                masks = masks if torch.is_tensor(masks) else torch.from_numpy(np.asarray(masks))
+                labels = torch.as_tensor(annotation["labels"]).long().reshape(-1)
+                if masks.ndim != 3 or masks.shape[0] != labels.shape[0]:
+                    raise ValueError(
+                        f"Annotation {index}: expected 'masks' of shape (N, H, W) and 'labels' of shape (N,), got "
+                        f"{tuple(masks.shape)} and {tuple(labels.shape)}."
+                    )
+                masks_list.append(masks.bool())
+                labels_list.append(labels)
+            return masks_list, labels_list
+
+        if not isinstance(segmentation_maps, (list, tuple)):
+            segmentation_maps = [segmentation_maps]
+        if len(segmentation_maps) != num_images:
+            raise ValueError(f"Got {num_images} images but {len(segmentation_maps)} segmentation maps.")
+        for index, segmentation_map in enumerate(segmentation_maps):
+            segmentation_map = torch.as_tensor(np.asarray(segmentation_map))
+            if segmentation_map.ndim == 3 and segmentation_map.shape[0] == 1:  # (1, H, W)
+                segmentation_map = segmentation_map[0]
+            elif segmentation_map.ndim == 3 and segmentation_map.shape[-1] == 1:  # (H, W, 1)
+                segmentation_map = segmentation_map[..., 0]
+            if segmentation_map.ndim != 2 or segmentation_map.is_floating_point():
+                raise ValueError(
+                    f"Segmentation map {index}: expected an integer (H, W) map of segment ids, got shape "
+                    f"{tuple(segmentation_map.shape)} and dtype {segmentation_map.dtype}."
+                )
+            mapping = (
+                instance_id_to_semantic_id[index]
+                if isinstance(instance_id_to_semantic_id, (list, tuple))
+                else instance_id_to_semantic_id
+            )
+            masks, labels = _masks_from_segmentation_map(
+                segmentation_map.long(), mapping, ignore_index, do_reduce_labels, index
+            )
+            masks_list.append(masks)
+            labels_list.append(labels)
+        return masks_list, labels_list
+
+    @staticmethod
+    def _resize_and_pad_masks(
+        masks: torch.Tensor,
+        resized_size: tuple[int, int],
+        padded_size: tuple[int, int],
+        index: int,
+        image_size: tuple[int, int],
+    ) -> torch.Tensor:
+        """`(N, H, W)` bool -> `(N, *padded_size)` float: PIL nearest resize (as detectron2), zero padding."""
+        if tuple(masks.shape[-2:]) != tuple(image_size):
+            raise ValueError(
+                f"Image {index}: masks have size {tuple(masks.shape[-2:])} but the image is {tuple(image_size)}."
+            )
+        out = torch.zeros((masks.shape[0], *padded_size), dtype=torch.float32)
+        # PIL's NEAREST uses fixed-point source coordinates that no torch mode reproduces exactly: use PIL itself.
+        for mask_index, mask in enumerate(masks.to(torch.uint8).cpu().numpy()):
+            resized = PIL.Image.fromarray(mask).resize(resized_size[::-1], PIL.Image.Resampling.NEAREST)
+            out[mask_index, : resized_size[0], : resized_size[1]] = torch.from_numpy(np.array(resized))
+        return out
+
+    def _resized_size(self, height: int, width: int, size: SizeDict, do_resize: bool) -> tuple[int, int]:
+        if not do_resize:
+            return height, width
+        if not (size.shortest_edge and size.longest_edge):
+            raise ValueError(f"`size` must contain 'shortest_edge' and 'longest_edge', got {size}.")
+        return get_fastinst_output_image_size(height, width, size.shortest_edge, size.longest_edge)
+
+    def instance_inference(
+        self,
+        outputs,
+        threshold: float = 0.0,
+        mask_threshold: float = 0.5,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        num_detections: int | None = None,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict[str, torch.Tensor]]:
+        """
+        The official `FastInst.instance_inference`, computed on the kept (query, class) pairs only.
+
+        Per image: softmax over the K+1 classes, drop "no object", top-`num_detections` over the flattened Q*K class
+        scores (query = index // K, label = index % K), drop pairs whose class score is below `threshold` (the final
+        score is class score x mask score <= class score), then for the distinct kept queries only: bilinear
+        upsampling (align_corners=False) of the mask logits to the padded input size (mask size x 8), crop to the
+        resized image, bilinear resize to the target size, `mask = sigmoid > mask_threshold`,
+        `score = class_score * sum(p * mask) / (sum(mask) + 1e-6)`, then keep `score >= threshold`.
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits`
+                `(B, Q, h, w)` (logits at stride 8 of the padded input), and optionally `image_sizes`.
+            threshold: minimum final score. 0 keeps every top-k pair, as upstream.
+            mask_threshold: probability above which a pixel belongs to the mask (upstream: 0.5).
+            target_sizes: `(B, 2)` final `(height, width)` per image (usually the original image size).
+            num_detections: top-k size; defaults to `self.num_detections` (upstream: 100).
+            image_sizes: `(B, 2)` resized, unpadded `(height, width)` per image (the model input before padding).
+                Taken from `outputs.image_sizes` when absent; otherwise recomputed from `target_sizes` with the
+                detectron2 resize rule and `self.size` (valid when the target size is the original image size).
+                Without both, masks are returned at the padded input size.
+
+        Returns:
+            `list[dict]`, one per image, sorted by descending `scores`, with `scores` `(N,)`, `class_scores` `(N,)`,
+            `labels` `(N,)` long, `query_indices` `(N,)` long and `masks` `(N, H, W)` bool at the target size.
+        """
+        class_logits = outputs.class_queries_logits
+        mask_logits = outputs.masks_queries_logits
+        if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
+            raise ValueError(
+                "Expected `class_queries_logits` of shape (B, Q, K+1) and `masks_queries_logits` of shape "
+                f"(B, Q, h, w), got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}."
+            )
+        batch_size, num_queries, num_classes = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
+        padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
+        num_detections = self.num_detections if num_detections is None else num_detections
+        if image_sizes is None:
+            image_sizes = getattr(outputs, "image_sizes", None)
+        for name, sizes in (("target_sizes", target_sizes), ("image_sizes", image_sizes)):
+            if sizes is not None and len(sizes) != batch_size:
+                raise ValueError(f"Got {len(sizes)} `{name}` for a batch of {batch_size} predictions.")
+
+        results = []
+        for i in range(batch_size):
+            target_size = None if target_sizes is None else tuple(int(s) for s in target_sizes[i])
+            if image_sizes is not None:
+                resized_size = tuple(int(s) for s in image_sizes[i])
+            elif target_size is not None:
+                resized_size = self._resized_size(*target_size, self.size, self.do_resize)
+            else:
+                resized_size = padded_size
+            if resized_size[0] > padded_size[0] or resized_size[1] > padded_size[1]:
+                raise ValueError(
+                    f"Image {i}: resized size {resized_size} exceeds the padded input size {padded_size} "
+                    f"(mask logits {tuple(mask_logits.shape[-2:])} x {MASK_STRIDE}); pass the right `image_sizes`."
+                )
+            output_size = target_size if target_size is not None else resized_size
+
+            class_probs = class_logits[i].softmax(-1)[:, :num_classes]
+            k = min(num_detections, num_queries * num_classes)
+            class_scores, flat_indices = class_probs.flatten().topk(k, sorted=True)
+            keep = class_scores >= threshold
+            class_scores, flat_indices = class_scores[keep], flat_indices[keep]
+            query_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
+            labels = flat_indices % num_classes
+
+            # A query can be kept with several classes: resize each distinct query's mask once.
+            unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
+            masks = mask_logits[i, unique_queries][None]
+            if unique_queries.numel() > 0:
+                masks = F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)
+                masks = masks[..., : resized_size[0], : resized_size[1]]
+                # Bilinear resizing to the same size is the identity (weights 1 and 0), so it can be skipped.
+                if tuple(masks.shape[-2:]) != output_size:
+                    masks = F.interpolate(masks, size=output_size, mode="bilinear", align_corners=False)
+            else:
+                masks = masks.new_zeros((1, 0, *output_size))
+            probs = masks[0].sigmoid()
+            binary = probs > mask_threshold
+            mask_scores = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
+            scores = class_scores * mask_scores[inverse]
+
+            keep = scores >= threshold
+            order = torch.argsort(scores[keep], descending=True, stable=True)
+            results.append(
+                {
+                    "scores": scores[keep][order],
+                    "class_scores": class_scores[keep][order],
+                    "labels": labels[keep][order],
+                    "query_indices": query_indices[keep][order],
+                    "masks": binary[inverse[keep][order]],
+                }
+            )
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_coco_annotation: bool | None = False,
+        return_binary_maps: bool | None = False,
+        num_detections: int | None = None,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict]:
+        """
+        Converts [`FastInstForInstanceSegmentation`] outputs into instance segmentation predictions, in the format of
+        `Mask2FormerImageProcessor.post_process_instance_segmentation`. The instances are those of the official
+        FastInst inference (see [`~FastInstImageProcessor.instance_inference`]) with a final score `>= threshold`
+        and a non-empty mask.
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)`.
+            threshold (`float`, defaults to 0.5): minimum final score (class score x mask score).
+            mask_threshold (`float`, defaults to 0.5): probability threshold that binarises the masks.
+            overlap_mask_area_threshold (`float`): accepted for Mask2Former compatibility; unused, because FastInst
+                instances are independent masks (no panoptic merging).
+            target_sizes (`(B, 2)`, *optional*): final `(height, width)` per image, normally the original size.
+            return_coco_annotation (`bool`): return `segmentation` as a list with one run-length encoding per
+                instance (transformers' `binary_mask_to_rle` format), in `segments_info` order.
+            return_binary_maps (`bool`): return `segmentation` as the `(N, H, W)` binary masks (overlaps kept),
+                in `segments_info` order; `(0, H, W)` when nothing is found.
+            num_detections (`int`, *optional*): top-k size, defaults to `self.num_detections` (100).
+            image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
+                [`~FastInstImageProcessor.instance_inference`] for how it is inferred when absent.
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation** -- `(H, W)` int tensor of segment ids (-1 = no instance); where instances overlap,
+              the higher-scoring one is on top. Or RLEs / binary maps as requested above.
+            - **segments_info** -- list of `{"id", "label_id", "was_fused" (always False), "score"}`, by descending
+              score; `id` is the index in this list.
+        """
+        if return_coco_annotation and return_binary_maps:
+            raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
+        instances = self.instance_inference(
+            outputs,
+            threshold=threshold,
+            mask_threshold=mask_threshold,
+            target_sizes=target_sizes,
+            num_detections=num_detections,
+            image_sizes=image_sizes,
+        )
+        results = []
+        for instance in instances:
+            masks, scores, labels = instance["masks"], instance["scores"], instance["labels"]
+            non_empty = masks.flatten(1).any(1)
+            if not non_empty.all():  # avoids copying the masks in the common case
+                masks, scores, labels = masks[non_empty], scores[non_empty], labels[non_empty]
+            scores, labels = scores.tolist(), labels.tolist()
+            segments_info = [
+                {"id": index, "label_id": label, "was_fused": False, "score": score}
+                for index, (label, score) in enumerate(zip(labels, scores))
+            ]
+            if return_binary_maps:
+                segmentation = masks
+            elif return_coco_annotation:
+                segmentation = [binary_mask_to_rle(mask) for mask in masks]
+            else:
+                segmentation = torch.full(masks.shape[-2:], -1, dtype=torch.int32, device=masks.device)
+                # Paint low scores first so that the highest-scoring instance owns overlapping pixels.
+                for index in range(masks.shape[0] - 1, -1, -1):
+                    segmentation.masked_fill_(masks[index], index)
+            results.append({"segmentation": segmentation, "segments_info": segments_info})
+        return results
+
+
+class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
+    r"""
+    FastInst image processor (torchvision backend): the official test-time preprocessing and instance
+    post-processing. Bilinear resizing of uint8 images uses torchvision's antialiased kernel, which follows PIL's
+    filter up to rounding (max abs difference 1 gray level); use [`FastInstImageProcessorPil`] for an exact match of
+    the official PIL resize.
+
+    Returns `pixel_values` `(B, 3, H, W)` float32 (normalised, zero-padded bottom/right to a multiple of
+    `size_divisor` and to the batch maximum) and `pixel_mask` `(B, H, W)` int64 (1 = real pixel). With
+    `segmentation_maps` or `annotations`, also `mask_labels` (list of `(N_i, H, W)` float) and `class_labels`
+    (list of `(N_i,)` long) at the `pixel_values` size.
+    """
+
+    valid_kwargs = FastInstImageProcessorKwargs
+    resample = PILImageResampling.BILINEAR
+    # ImageNet mean/std x 255 = [123.675, 116.28, 103.53] / [58.395, 57.12, 57.375] on 0-255 values, as upstream.
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 640, "longest_edge": 853}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    size_divisor = 32
+    num_detections = 100
+    do_reduce_labels = False
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+    def _fuse_mean_std_and_rescale_factor(
+        self, do_normalize=None, image_mean=None, image_std=None, do_rescale=None, rescale_factor=None, device=None
+    ) -> tuple:
+        # Fuse in float64 so that the float32 constants equal upstream's 123.675 ... / 58.395 ... exactly
+        # (the parent fuses in float32 and is off by one ulp, 2e-7 after normalisation).
+        if do_rescale and do_normalize:
+            image_mean = (torch.tensor(image_mean, dtype=torch.float64) / rescale_factor).to(device, torch.float32)
+            image_std = (torch.tensor(image_std, dtype=torch.float64) / rescale_factor).to(device, torch.float32)
+            do_rescale = False
+        return image_mean, image_std, do_rescale
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None = None,
+        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None = None,
+        annotations: list[dict] | dict | None = None,
+        **kwargs: Unpack[FastInstImageProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        images (`ImageInput`):
+            PIL images, numpy arrays or torch tensors (uint8, uint16 or 0-255 float), of any sizes.
+        segmentation_maps (`ImageInput`, *optional*):
+            Per image an `(H, W)` integer map of segment ids, converted to one binary mask per id.
+        instance_id_to_semantic_id (`dict[int, int]` or a list of them, *optional*):
+            Class of each segment id of `segmentation_maps`; without it the segment id is the class.
+        annotations (`list[dict]`, *optional*):
+            Per image `{"masks": (N, H, W) bool, "labels": (N,) int}` at the image size.
+        """
+        return super().preprocess(images, segmentation_maps, instance_id_to_semantic_id, annotations, **kwargs)
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        instance_id_to_semantic_id,
+        annotations,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension | None = None,
+        device: "str | torch.device | None" = None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._check_and_convert_images(images, do_convert_rgb, input_data_format)
+        images = [
+            self.process_image(image, do_convert_rgb=False, input_data_format=ChannelDimension.LAST, device=device)
+            for image in images
+        ]
+        targets = self._targets_to_masks(
+            len(images),
+            segmentation_maps,
+            instance_id_to_semantic_id,
+            annotations,
+            kwargs.get("ignore_index"),
+            kwargs.get("do_reduce_labels"),
+        )
+        return self._preprocess(images, targets=targets, **kwargs)
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        do_resize: bool,
+        size: SizeDict,
+        resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        size_divisor: int,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        resized_sizes = [self._resized_size(h, w, size, do_resize) for h, w in original_sizes]
+        padded_size = get_padded_size(resized_sizes, size_divisor)
+        pixel_values, pixel_mask = [], []
+        for image, resized_size in zip(images, resized_sizes):
+            if tuple(image.shape[-2:]) != resized_size:
+                image = self.resize(image, SizeDict(height=resized_size[0], width=resized_size[1]), resample=resample)
+            image = self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
+            if not image.is_floating_point():
+                image = image.float()
+            pad = (0, 0, padded_size[1] - resized_size[1], padded_size[0] - resized_size[0])
+            pixel_values.append(tvF.pad(image, pad, fill=0))
+            mask = torch.zeros(padded_size, dtype=torch.int64, device=image.device)
+            mask[: resized_size[0], : resized_size[1]] = 1
+            pixel_mask.append(mask)
+
+        encoded = BatchFeature(
+            data={"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors
+        )
+        if targets is not None:
+            # Lists, not a stacked tensor: the number of instances differs between images.
+            encoded["mask_labels"] = [
+                self._resize_and_pad_masks(masks, resized, padded_size, index, original)
+                for index, (masks, resized, original) in enumerate(zip(targets[0], resized_sizes, original_sizes))
+            ]
+            encoded["class_labels"] = targets[1]
+        return encoded
+
+
+__all__ = ["FastInstImageProcessor"]

@@ -1,0 +1,126 @@
+"""Auto classes, `pipeline("image-segmentation")` and `trust_remote_code` loading of a saved folder."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from conftest import FIXTURES, load_eval_fixture
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForImageSegmentation,
+    AutoModelForInstanceSegmentation,
+    pipeline,
+)
+
+import fastinst_hf
+from fastinst_hf.convert_fastinst import convert_checkpoint, save_converted
+
+VARIANT = "d1_r50slim_small"
+
+
+@pytest.fixture(scope="module")
+def converted_dir(tmp_path_factory):
+    """The d1 fixture's official weights converted and saved with their processor, as a user's Hub repo would be."""
+    folder = tmp_path_factory.mktemp("fastinst-d1-slim")
+    model = convert_checkpoint(FIXTURES / VARIANT / "model_state_dict.pt", config_file=FIXTURES / VARIANT / "config.yaml")
+    save_converted(model, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def image():
+    return Image.fromarray(np.load(FIXTURES / VARIANT / "input_image_rgb_uint8.npy"))
+
+
+def test_auto_classes_resolve(converted_dir):
+    assert isinstance(AutoConfig.from_pretrained(converted_dir), fastinst_hf.FastInstConfig)
+    assert isinstance(AutoModel.from_pretrained(converted_dir), fastinst_hf.FastInstModel)
+    for auto_class in (AutoModelForInstanceSegmentation, AutoModelForImageSegmentation):
+        assert isinstance(auto_class.from_pretrained(converted_dir), fastinst_hf.FastInstForInstanceSegmentation)
+    processor = AutoImageProcessor.from_pretrained(converted_dir)
+    assert isinstance(processor, fastinst_hf.FastInstImageProcessor)
+    assert processor.size["shortest_edge"] == 256 and processor.size["longest_edge"] == 400
+    pil = AutoImageProcessor.from_pretrained(converted_dir, backend="pil")
+    assert isinstance(pil, fastinst_hf.FastInstImageProcessorPil)
+
+
+def test_saved_folder_carries_code_and_auto_map(converted_dir):
+    auto_map = json.loads((converted_dir / "config.json").read_text())["auto_map"]
+    assert auto_map["AutoModelForImageSegmentation"] == "modeling_fastinst.FastInstForInstanceSegmentation"
+    assert auto_map["AutoModelForInstanceSegmentation"] == "modeling_fastinst.FastInstForInstanceSegmentation"
+    processor_map = json.loads((converted_dir / "preprocessor_config.json").read_text())["auto_map"]
+    assert processor_map["AutoImageProcessor"] == "image_processing_fastinst.FastInstImageProcessor"
+    for name in ("configuration_fastinst.py", "modeling_fastinst.py", "loss_fastinst.py", "image_processing_fastinst.py"):
+        assert (converted_dir / name).is_file(), name
+
+
+def test_pipeline_instance_subtask_matches_official_instances(converted_dir, image, tmp_path):
+    # The PIL backend resizes exactly as the official PIL-based preprocessing (the torchvision one is off by up to
+    # one gray level, which these random fixture weights amplify).
+    processor = AutoImageProcessor.from_pretrained(converted_dir, backend="pil")
+    segmenter = pipeline(
+        "image-segmentation", model=str(converted_dir), image_processor=processor, trust_remote_code=False
+    )
+    results = segmenter(image, subtask="instance", threshold=0.0)
+    assert results and all(set(r) == {"score", "label", "mask"} for r in results)
+    assert all(r["mask"].size == image.size and r["mask"].mode == "L" for r in results)
+    # The best-scoring instance is painted last, so its full mask survives; compare it with the official one.
+    official = load_eval_fixture(VARIANT)
+    best = int(official["instances.scores"].argmax())
+    top = max(results, key=lambda r: r["score"])
+    assert abs(top["score"] - official["instances.scores"][best].item()) < 1e-4
+    label = official["instances.pred_classes"][best].item()
+    assert top["label"] == fastinst_hf.FastInstConfig().id2label[label]
+    ours, theirs = np.array(top["mask"]) > 0, official["instances.pred_masks"][best].numpy()
+    assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.999
+
+    # A file path and a list of images give the same answers.
+    path = tmp_path / "image.png"
+    image.save(path)
+    from_path = segmenter(str(path), subtask="instance", threshold=0.0)
+    assert [r["score"] for r in from_path] == pytest.approx([r["score"] for r in results], abs=1e-4)
+    batch = segmenter([image, image], subtask="instance", threshold=0.0)
+    assert len(batch) == 2 and len(batch[1]) == len(results)
+
+
+def test_pipeline_without_subtask_answers_as_instance_model(converted_dir, image):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir), trust_remote_code=False)
+    default = segmenter(image, threshold=0.0)
+    instance = segmenter(image, subtask="instance", threshold=0.0)
+    assert [r["score"] for r in default] == pytest.approx([r["score"] for r in instance])
+    assert segmenter(image) == [] or all(r["score"] >= 0.9 for r in segmenter(image))
+
+
+def test_trust_remote_code_without_the_package(converted_dir, image, tmp_path):
+    """A process where `import fastinst_hf` fails loads the folder from its own code files."""
+    image_path = tmp_path / "image.png"
+    image.save(image_path)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["fastinst_hf"] = None  # any import of the installed package now fails
+        import torch
+        from transformers import AutoImageProcessor, AutoModelForImageSegmentation, pipeline
+        from PIL import Image
+        folder = {str(converted_dir)!r}
+        model = AutoModelForImageSegmentation.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__, type(model).__module__
+        segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+        results = segmenter(Image.open({str(image_path)!r}), subtask="instance", threshold=0.0)
+        print(len(results), max(r["score"] for r in results))
+        """
+    )
+    completed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    count, best = completed.stdout.split()[-2:]
+    in_process = pipeline("image-segmentation", model=str(converted_dir))(image, subtask="instance", threshold=0.0)
+    assert int(count) == len(in_process)
+    assert float(best) == pytest.approx(max(r["score"] for r in in_process), abs=1e-5)
