@@ -347,8 +347,12 @@ def official_checkpoint_url(variant: str) -> str:
     return OFFICIAL_RELEASE_URL + VARIANTS[variant]["checkpoint"]
 
 
-def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None) -> Path:
-    """Write `model` and its image processor to `output_dir` (and push both to the Hub repo `push_to_hub`)."""
+def save_converted(
+    model, output_dir: str | Path, push_to_hub: str | None = None, variant: str | None = None
+) -> Path:
+    """Write `model`, its image processor and a model card to `output_dir`; with `push_to_hub` (a repo id) also push
+    them to the Hub. `variant` names the official release the weights come from, for the model card."""
+    from .hub import push_model_to_hub, render_model_card
     from .image_processing_fastinst import FastInstImageProcessor
 
     output_dir = Path(output_dir)
@@ -357,12 +361,13 @@ def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None
         size={"shortest_edge": config.test_shortest_edge, "longest_edge": config.test_longest_edge},
         num_detections=config.num_detections,
     )
+    num_values = sum(t.numel() for t in model.state_dict().values())
+    model_card = render_model_card(config, push_to_hub or output_dir.name, variant=variant, num_values=num_values)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
+    (output_dir / "README.md").write_text(model_card)
     if push_to_hub:
-        from .hub import push_model_to_hub
-
-        push_model_to_hub(model, processor, push_to_hub)
+        push_model_to_hub(model, processor, push_to_hub, model_card=model_card)
     return output_dir
 
 
@@ -386,7 +391,7 @@ def main(argv=None) -> int:
     except (FileNotFoundError, CheckpointConversionError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    output_dir = save_converted(model, args.output_dir, args.push_to_hub)
+    output_dir = save_converted(model, args.output_dir, args.push_to_hub, variant=args.variant)
     num_parameters = sum(t.numel() for t in model.state_dict().values())
     print(f"converted {args.checkpoint} ({num_parameters / 1e6:.2f}M values) -> {output_dir}")
     return 0
