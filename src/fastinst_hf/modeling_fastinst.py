@@ -42,7 +42,8 @@ class FastInstModelOutput(ModelOutput):
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
     query_locations (`torch.FloatTensor` of shape `(batch_size, num_queries, 2)`):
-        Normalised (x, y) grid location of every selected query, corners at exactly 0 and 1 (location cost).
+        Normalised (x, y) grid location of every selected query, corners at exactly 0 and 1, used by the location
+        cost of the matcher; computed in training mode only.
     query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
         Positional embeddings of the queries.
     pixel_position_embeddings (`torch.FloatTensor` of shape `(1, height / 8 * width / 8, hidden_dim)`):
@@ -195,14 +196,36 @@ class FastInstPyramidPoolingModule(nn.Module):
         return F.relu(self.bottleneck(torch.cat([*priors, hidden_state], dim=1)))
 
 
+def adaptive_average_pooling_matrix(size: int, pool_size: int, like: Tensor) -> Tensor:
+    """[pool_size, size] matrix whose product with a length-`size` axis equals `adaptive_avg_pool` on it.
+
+    Bin i averages [floor(i * size / pool_size), ceil((i + 1) * size / pool_size)), as torch's adaptive pooling. Built
+    from `arange` so that it follows the input size when exported to ONNX (the exported `AdaptiveAvgPool2d` is fixed
+    to the example input's size).
+    """
+    positions = torch.arange(size, device=like.device)
+    bins = torch.arange(pool_size, device=like.device).unsqueeze(1)
+    starts = torch.div(bins * size, pool_size, rounding_mode="floor")
+    ends = torch.div((bins + 1) * size + pool_size - 1, pool_size, rounding_mode="floor")
+    inside = (positions >= starts) & (positions < ends)
+    return inside.to(like.dtype) / (ends - starts).to(like.dtype)
+
+
 class FastInstPyramidPoolingStage(nn.Module):
+    """Adaptive average pooling to a `pool_size` x `pool_size` grid, then a 1x1 convolution."""
+
     def __init__(self, in_channels: int, out_channels: int, pool_size: int):
         super().__init__()
-        self.pool = nn.AdaptiveAvgPool2d(pool_size)
+        self.pool_size = pool_size
         self.conv = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def forward(self, hidden_state: Tensor) -> Tensor:
-        return self.conv(self.pool(hidden_state))
+        """[B, C, h, w] -> [B, C', pool_size, pool_size]."""
+        height, width = hidden_state.shape[-2:]
+        rows = adaptive_average_pooling_matrix(height, self.pool_size, hidden_state)
+        columns = adaptive_average_pooling_matrix(width, self.pool_size, hidden_state)
+        pooled = torch.einsum("ph,bchw,qw->bcpq", rows, hidden_state, columns)
+        return self.conv(pooled)
 
 
 class FastInstPixelDecoder(nn.Module):
@@ -276,7 +299,7 @@ class FastInstQueryProposal(nn.Module):
             position_embeddings: positional embedding grid resized to E4, [1, C, h, w].
         Returns:
             queries [B, Q+A, C], query position embeddings [B, Q+A, C], proposal logits [B, K+1, h, w],
-            selected indices [B, Q] and their normalised (x, y) locations [B, Q, 2].
+            selected indices [B, Q] and, in training, their normalised (x, y) locations [B, Q, 2] (else None).
         """
         batch_size, _, height, width = proposal_features.shape
         if height * width < self.num_queries:
@@ -294,10 +317,13 @@ class FastInstQueryProposal(nn.Module):
 
         queries = gather(proposal_features.flatten(2))
         query_position_embeddings = gather(position_embeddings.flatten(2).expand(batch_size, -1, -1))
-        # linspace puts the corners at exactly 0 and 1, as the location cost of the official matcher expects.
-        x_grid = torch.linspace(0, 1, width, device=indices.device)
-        y_grid = torch.linspace(0, 1, height, device=indices.device)
-        locations = torch.stack([x_grid[indices % width], y_grid[torch.div(indices, width, rounding_mode="floor")]], -1)
+        locations = None
+        if self.training:
+            # Only the training matcher needs them. linspace puts the corners at exactly 0 and 1, as upstream.
+            x_grid = torch.linspace(0, 1, width, device=indices.device)
+            y_grid = torch.linspace(0, 1, height, device=indices.device)
+            rows = torch.div(indices, width, rounding_mode="floor")
+            locations = torch.stack([x_grid[indices % width], y_grid[rows]], dim=-1)
 
         auxiliary_queries = self.auxiliary_query_features.weight.unsqueeze(0).expand(batch_size, -1, -1)
         auxiliary_position = self.auxiliary_query_position_embeddings.weight.unsqueeze(0).expand(batch_size, -1, -1)

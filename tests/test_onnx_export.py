@@ -1,0 +1,39 @@
+"""ONNX export: onnxruntime reproduces the PyTorch outputs at several input sizes and batch sizes."""
+
+import numpy as np
+import onnxruntime
+import pytest
+import torch
+import torch.nn.functional as F
+from test_modeling_fastinst import tiny_config
+
+from fastinst_hf import FastInstForInstanceSegmentation
+from fastinst_hf.modeling_fastinst import adaptive_average_pooling_matrix
+from fastinst_hf.onnx_export import OUTPUT_NAMES, export_onnx
+
+
+@pytest.mark.parametrize("size, pool", [(8, 1), (11, 2), (11, 3), (7, 6), (5, 6), (23, 6)])
+def test_pooling_matrix_equals_adaptive_average_pooling(size, pool):
+    x = torch.randn(2, 3, size, size + 3)
+    rows = adaptive_average_pooling_matrix(size, pool, x)
+    columns = adaptive_average_pooling_matrix(size + 3, pool, x)
+    expected = F.adaptive_avg_pool2d(x, pool)
+    torch.testing.assert_close(torch.einsum("ph,bchw,qw->bcpq", rows, x, columns), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_onnx_export_matches_pytorch_with_dynamic_sizes(tmp_path):
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    path = export_onnx(model, tmp_path / "fastinst.onnx", height=128, width=160)
+    assert path.is_file() and not (tmp_path / "fastinst.onnx.partial").exists()
+    session = onnxruntime.InferenceSession(str(path))
+    assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
+    for shape in [(1, 3, 128, 160), (2, 3, 192, 96), (1, 3, 96, 288)]:
+        pixel_values = torch.randn(*shape)
+        with torch.no_grad():
+            expected = model(pixel_values)
+        class_logits, mask_logits = session.run(None, {"pixel_values": pixel_values.numpy()})
+        np.testing.assert_allclose(class_logits, expected.class_queries_logits.numpy(), atol=1e-4, rtol=1e-4)
+        np.testing.assert_allclose(mask_logits, expected.masks_queries_logits.numpy(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        export_onnx(model, tmp_path / "bad.onnx", height=100, width=160)
