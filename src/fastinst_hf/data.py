@@ -249,15 +249,18 @@ def parse_coco(
     return list(records.values()), categories, problems
 
 
+def segmentation_to_rle(segm: list | dict, height: int, width: int) -> dict:
+    """A COCO segmentation (polygons, compressed or uncompressed RLE) as one compressed RLE."""
+    if isinstance(segm, list):
+        return mask_util.merge(mask_util.frPyObjects(segm, height, width))
+    if isinstance(segm["counts"], list):
+        return mask_util.frPyObjects(segm, height, width)
+    return segm
+
+
 def decode_segmentation(segm: list | dict, height: int, width: int) -> np.ndarray:
     """Decode polygons, compressed RLE or uncompressed RLE into a bool mask [height, width]."""
-    if isinstance(segm, list):
-        rle = mask_util.merge(mask_util.frPyObjects(segm, height, width))
-    elif isinstance(segm["counts"], list):
-        rle = mask_util.frPyObjects(segm, height, width)
-    else:
-        rle = segm
-    return mask_util.decode(rle).astype(bool)
+    return mask_util.decode(segmentation_to_rle(segm, height, width)).astype(bool)
 
 
 def encode_mask(mask: np.ndarray) -> dict:

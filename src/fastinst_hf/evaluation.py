@@ -12,7 +12,7 @@ import pycocotools.mask as mask_util
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from .data import load_coco_json
+from .data import load_coco_json, segmentation_to_rle
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
@@ -25,14 +25,7 @@ def _prepare_ground_truth(coco_gt: str | os.PathLike | dict) -> dict:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             h, w = sizes[ann["image_id"]]
-            segm = ann["segmentation"]
-            if isinstance(segm, list):
-                rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
-            elif isinstance(segm["counts"], list):
-                rle = mask_util.frPyObjects(segm, h, w)
-            else:
-                rle = segm
-            ann["area"] = float(mask_util.area(rle))
+            ann["area"] = float(mask_util.area(segmentation_to_rle(ann["segmentation"], h, w)))
     return data
 
 

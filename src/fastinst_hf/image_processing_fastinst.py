@@ -195,6 +195,85 @@ def _masks_from_segmentation_map(
 class FastInstImageProcessingMixin:
     """Backend-independent parts of the FastInst image processors: input checks, targets and post-processing."""
 
+    valid_kwargs = FastInstImageProcessorKwargs
+    resample = PILImageResampling.BILINEAR
+    # ImageNet mean/std x 255 = [123.675, 116.28, 103.53] / [58.395, 57.12, 57.375] on 0-255 values, as upstream.
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 640, "longest_edge": 853}
+    default_to_square = False
+    do_resize = True
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    do_convert_rgb = True
+    size_divisor = 32
+    num_detections = 100
+    do_reduce_labels = False
+    model_input_names = ["pixel_values", "pixel_mask"]
+
+
+    def preprocess(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None = None,
+        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None = None,
+        annotations: list[dict] | dict | None = None,
+        **kwargs: Unpack[FastInstImageProcessorKwargs],
+    ) -> BatchFeature:
+        r"""
+        images (`ImageInput`):
+            PIL images, numpy arrays or torch tensors (uint8, uint16 or 0-255 float), of any sizes.
+        segmentation_maps (`ImageInput`, *optional*):
+            Per image an `(H, W)` integer map of segment ids, converted to one binary mask per id.
+        instance_id_to_semantic_id (`dict[int, int]` or a list of them, *optional*):
+            Class of each segment id of `segmentation_maps`; without it the segment id is the class.
+        annotations (`list[dict]`, *optional*):
+            Per image `{"masks": (N, H, W) bool, "labels": (N,) int}` at the image size.
+        """
+        return super().preprocess(images, segmentation_maps, instance_id_to_semantic_id, annotations, **kwargs)
+
+    def _preprocess_image_like_inputs(
+        self,
+        images: ImageInput,
+        segmentation_maps: ImageInput | None,
+        instance_id_to_semantic_id,
+        annotations,
+        do_convert_rgb: bool,
+        input_data_format: ChannelDimension | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        images = self._check_and_convert_images(images, do_convert_rgb, input_data_format)
+        # Only the torchvision backend takes a device.
+        device = {"device": kwargs["device"]} if kwargs.get("device") is not None else {}
+        images = [
+            self.process_image(image, do_convert_rgb=False, input_data_format=ChannelDimension.LAST, **device)
+            for image in images
+        ]
+        targets = self._targets_to_masks(
+            len(images),
+            segmentation_maps,
+            instance_id_to_semantic_id,
+            annotations,
+            kwargs.get("ignore_index"),
+            kwargs.get("do_reduce_labels"),
+        )
+        return self._preprocess(images, targets=targets, **kwargs)
+
+    def _encode(self, pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors):
+        """The processor output: padded images and masks, plus the training targets when given."""
+        encoded = BatchFeature(
+            data={"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors
+        )
+        if targets is not None:
+            # Lists, not a stacked tensor: the number of instances differs between images.
+            encoded["mask_labels"] = [
+                self._resize_and_pad_masks(masks, resized, padded_size, index, original)
+                for index, (masks, resized, original) in enumerate(zip(targets[0], resized_sizes, original_sizes))
+            ]
+            encoded["class_labels"] = targets[1]
+        return encoded
+
     def _check_and_convert_images(
         self, images: ImageInput, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None
     ) -> list:
@@ -484,23 +563,6 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
     (list of `(N_i,)` long) at the `pixel_values` size.
     """
 
-    valid_kwargs = FastInstImageProcessorKwargs
-    resample = PILImageResampling.BILINEAR
-    # ImageNet mean/std x 255 = [123.675, 116.28, 103.53] / [58.395, 57.12, 57.375] on 0-255 values, as upstream.
-    image_mean = IMAGENET_DEFAULT_MEAN
-    image_std = IMAGENET_DEFAULT_STD
-    size = {"shortest_edge": 640, "longest_edge": 853}
-    default_to_square = False
-    do_resize = True
-    do_rescale = True
-    rescale_factor = 1 / 255
-    do_normalize = True
-    do_convert_rgb = True
-    size_divisor = 32
-    num_detections = 100
-    do_reduce_labels = False
-    model_input_names = ["pixel_values", "pixel_mask"]
-
     def _fuse_mean_std_and_rescale_factor(
         self, do_normalize=None, image_mean=None, image_std=None, do_rescale=None, rescale_factor=None, device=None
     ) -> tuple:
@@ -511,52 +573,6 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
             image_std = (torch.tensor(image_std, dtype=torch.float64) / rescale_factor).to(device, torch.float32)
             do_rescale = False
         return image_mean, image_std, do_rescale
-
-    def preprocess(
-        self,
-        images: ImageInput,
-        segmentation_maps: ImageInput | None = None,
-        instance_id_to_semantic_id: list[dict[int, int]] | dict[int, int] | None = None,
-        annotations: list[dict] | dict | None = None,
-        **kwargs: Unpack[FastInstImageProcessorKwargs],
-    ) -> BatchFeature:
-        r"""
-        images (`ImageInput`):
-            PIL images, numpy arrays or torch tensors (uint8, uint16 or 0-255 float), of any sizes.
-        segmentation_maps (`ImageInput`, *optional*):
-            Per image an `(H, W)` integer map of segment ids, converted to one binary mask per id.
-        instance_id_to_semantic_id (`dict[int, int]` or a list of them, *optional*):
-            Class of each segment id of `segmentation_maps`; without it the segment id is the class.
-        annotations (`list[dict]`, *optional*):
-            Per image `{"masks": (N, H, W) bool, "labels": (N,) int}` at the image size.
-        """
-        return super().preprocess(images, segmentation_maps, instance_id_to_semantic_id, annotations, **kwargs)
-
-    def _preprocess_image_like_inputs(
-        self,
-        images: ImageInput,
-        segmentation_maps: ImageInput | None,
-        instance_id_to_semantic_id,
-        annotations,
-        do_convert_rgb: bool,
-        input_data_format: ChannelDimension | None = None,
-        device: "str | torch.device | None" = None,
-        **kwargs,
-    ) -> BatchFeature:
-        images = self._check_and_convert_images(images, do_convert_rgb, input_data_format)
-        images = [
-            self.process_image(image, do_convert_rgb=False, input_data_format=ChannelDimension.LAST, device=device)
-            for image in images
-        ]
-        targets = self._targets_to_masks(
-            len(images),
-            segmentation_maps,
-            instance_id_to_semantic_id,
-            annotations,
-            kwargs.get("ignore_index"),
-            kwargs.get("do_reduce_labels"),
-        )
-        return self._preprocess(images, targets=targets, **kwargs)
 
     def _preprocess(
         self,
@@ -590,17 +606,9 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
             mask[: resized_size[0], : resized_size[1]] = 1
             pixel_mask.append(mask)
 
-        encoded = BatchFeature(
-            data={"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors
+        return self._encode(
+            pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors
         )
-        if targets is not None:
-            # Lists, not a stacked tensor: the number of instances differs between images.
-            encoded["mask_labels"] = [
-                self._resize_and_pad_masks(masks, resized, padded_size, index, original)
-                for index, (masks, resized, original) in enumerate(zip(targets[0], resized_sizes, original_sizes))
-            ]
-            encoded["class_labels"] = targets[1]
-        return encoded
 
 
 __all__ = ["FastInstImageProcessor"]
