@@ -56,8 +56,14 @@ def test_saved_folder_carries_code_and_auto_map(converted_dir):
     assert auto_map["AutoModelForImageSegmentation"] == "modeling_fastinst.FastInstForInstanceSegmentation"
     assert auto_map["AutoModelForInstanceSegmentation"] == "modeling_fastinst.FastInstForInstanceSegmentation"
     processor_map = json.loads((converted_dir / "preprocessor_config.json").read_text())["auto_map"]
-    assert processor_map["AutoImageProcessor"] == "image_processing_fastinst.FastInstImageProcessor"
-    for name in ("configuration_fastinst.py", "modeling_fastinst.py", "loss_fastinst.py", "image_processing_fastinst.py"):
+    assert processor_map["AutoImageProcessor"] == {
+        "torchvision": "image_processing_fastinst.FastInstImageProcessor",
+        "pil": "image_processing_pil_fastinst.FastInstImageProcessorPil",
+    }
+    for name in (
+        "configuration_fastinst.py", "modeling_fastinst.py", "loss_fastinst.py", "modeling_fastinst_resnet_vd.py",
+        "image_processing_fastinst.py", "image_processing_pil_fastinst.py",
+    ):
         assert (converted_dir / name).is_file(), name
 
 
@@ -113,6 +119,9 @@ def test_trust_remote_code_without_the_package(converted_dir, image, tmp_path):
         model = AutoModelForImageSegmentation.from_pretrained(folder, trust_remote_code=True)
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__
+        assert type(processor).__name__ == "FastInstImageProcessor", type(processor)
+        pil = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
+        assert type(pil).__name__ == "FastInstImageProcessorPil", type(pil)
         segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
         results = segmenter(Image.open({str(image_path)!r}), subtask="instance", threshold=0.0)
         print(len(results), max(r["score"] for r in results))

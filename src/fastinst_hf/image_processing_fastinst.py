@@ -8,6 +8,9 @@ Post-processing reproduces the official `FastInst.instance_inference`, but selec
 (query, class) pairs first and only upsamples the masks of the kept queries.
 """
 
+import json
+import shutil
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -259,6 +262,29 @@ class FastInstImageProcessingMixin:
             kwargs.get("do_reduce_labels"),
         )
         return self._preprocess(images, targets=targets, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, and make the folder offer both backends to `trust_remote_code` users
+        (`AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")` for the exact PIL resize).
+        """
+        saved = super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        for name in ("image_processing_fastinst.py", "image_processing_pil_fastinst.py"):
+            source, target = Path(__file__).with_name(name), folder / name
+            if not target.exists() or not target.samefile(source):
+                shutil.copyfile(source, target)
+        config_file = folder / "preprocessor_config.json"
+        config = json.loads(config_file.read_text())
+        config["auto_map"] = {
+            "AutoImageProcessor": {
+                "torchvision": "image_processing_fastinst.FastInstImageProcessor",
+                "pil": "image_processing_pil_fastinst.FastInstImageProcessorPil",
+            }
+        }
+        temporary = config_file.with_name(config_file.name + ".tmp")
+        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        temporary.replace(config_file)
+        return saved
 
     def _encode(self, pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors):
         """The processor output: padded images and masks, plus the training targets when given."""
