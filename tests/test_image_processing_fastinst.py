@@ -339,8 +339,11 @@ def test_save_and_load_round_trip(processor_class, tmp_path):
     processor = processor_class(size={"shortest_edge": 576, "longest_edge": 777}, num_detections=50)
     processor.save_pretrained(tmp_path)
     loaded = processor_class.from_pretrained(tmp_path)
-    # The saved file also names the remote-code classes (auto_map), which the in-memory processor has no need of.
-    assert {k: v for k, v in loaded.to_dict().items() if k != "auto_map"} == processor.to_dict()
+    # auto_map names the remote-code classes: the saved file lists both backends (checked in the Auto tests).
+    def settings(p):
+        return {k: v for k, v in p.to_dict().items() if k != "auto_map"}
+
+    assert settings(loaded) == settings(processor)
     assert loaded.size.shortest_edge == 576 and loaded.size.longest_edge == 777 and loaded.num_detections == 50
     image = np.random.default_rng(4).integers(0, 256, size=(100, 150, 3), dtype=np.uint8)
     expected = processor(image, return_tensors="pt").pixel_values
