@@ -1,0 +1,13 @@
+#!/usr/bin/env python
+"""COCO mask AP and per-image inference time of a saved FastInst model.
+
+    python scripts/evaluate.py --model runs/x/final --coco-json val.json --images val_images/ [--threshold 0] \
+        [--device cpu]
+"""
+
+import sys
+
+from fastinst_hf.evaluate_model import main
+
+if __name__ == "__main__":
+    sys.exit(main())
