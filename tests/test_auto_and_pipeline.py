@@ -7,7 +7,6 @@ import textwrap
 
 import numpy as np
 import pytest
-import torch
 from conftest import FIXTURES, load_eval_fixture
 from PIL import Image
 from transformers import (

@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Per-stage latency of a FastInst model, as `fastinst-hf benchmark`; options: `python scripts/benchmark.py --help`."""
+
+import sys
+
+from fastinst_hf.benchmark import main
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,276 @@
+"""The `fastinst-hf` command line, model-name resolution, overlays and the stage benchmark."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from PIL import Image
+from transformers import ResNetConfig
+
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, hub_models
+from fastinst_hf.cli import load_image, load_model, main, predict_image
+from fastinst_hf.convert_fastinst import config_from_detectron2, save_converted
+from fastinst_hf.hub_models import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
+from fastinst_hf.synthetic import make_shapes_dataset
+from fastinst_hf.visualize import draw_instances, mask_contour
+
+FIXTURE = Path(__file__).parent / "fixtures" / "d1_r50slim_small"
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A randomly initialised FastInst small enough to run in milliseconds, saved with its image processor."""
+    torch.manual_seed(0)
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    config = FastInstConfig(
+        backbone_config=backbone, hidden_dim=32, pixel_decoder_channels=32, mask_dim=32, group_norm_groups=8,
+        num_queries=10, num_attention_heads=4, dim_feedforward=64, decoder_layers=1,
+        test_shortest_edge=64, test_longest_edge=96, id2label={0: "circle", 1: "square"},
+    )
+    return save_converted(FastInstForInstanceSegmentation(config), tmp_path_factory.mktemp("tiny") / "model")
+
+
+def _write_image(path: Path, seed: int, size=(72, 96)) -> Path:
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, size=(*size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture
+def image_dir(tmp_path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    _write_image(folder / "a.png", 0)
+    _write_image(folder / "b.jpg", 1)
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def _predict(*args) -> int:
+    return main(["predict", *map(str, args), "--device", "cpu"])
+
+
+def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    image_path = image_dir / "a.png"
+    assert _predict(image_path, "--model", tiny_model_dir, "--threshold", 0.0, "--output", out) == 0
+    stdout = capsys.readouterr().out
+    assert "preprocess" in stdout and "inference" in stdout and "postprocess" in stdout and " ms" in stdout
+
+    overlay = Image.open(out / "a_overlay.png")
+    assert overlay.size == (96, 72) and overlay.mode == "RGB"
+    record = json.loads((out / "a.json").read_text())
+    assert record["image"] == str(image_path) and (record["height"], record["width"]) == (72, 96)
+    assert record["instances"], "threshold 0 keeps every non-empty mask of the random model"
+
+    model, processor, _ = load_model(str(tiny_model_dir), torch.device("cpu"))
+    masks, labels, scores, _ = predict_image(model, processor, load_image(image_path), torch.device("cpu"), 0.0, None)
+    assert len(record["instances"]) == len(masks)
+    for instance, mask, label, score in zip(record["instances"], masks, labels, scores):
+        rle = instance["segmentation"]
+        assert isinstance(rle["counts"], str) and rle["size"] == [72, 96]
+        decoded = mask_util.decode({"size": rle["size"], "counts": rle["counts"].encode()}).astype(bool)
+        np.testing.assert_array_equal(decoded, mask)
+        ys, xs = np.nonzero(mask)
+        assert instance["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min() + 1, ys.max() - ys.min() + 1]
+        assert instance["area"] == mask.sum()
+        assert instance["label_id"] == label and instance["label"] == ("circle", "square")[label]
+        assert instance["score"] == pytest.approx(score, abs=1e-6)
+
+
+def test_predict_directory_and_glob(tiny_model_dir, image_dir, tmp_path, capsys):
+    out = tmp_path / "from_dir"
+    assert _predict(image_dir, "--model", tiny_model_dir, "--output", out, "--max-instances", 2) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_overlay.png", "b.json", "b_overlay.png"]
+    assert all(len(json.loads((out / f).read_text())["instances"]) <= 2 for f in ("a.json", "b.json"))
+
+    out = tmp_path / "from_glob"
+    assert _predict(str(image_dir / "*.png"), "--model", tiny_model_dir, "--output", out) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a.json", "a_overlay.png"]
+    assert "wrote 1 overlay(s)" in capsys.readouterr().out
+
+
+def test_predict_corrupt_image_is_named_and_the_others_are_processed(tiny_model_dir, image_dir, tmp_path, capsys):
+    (image_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not a png")
+    out = tmp_path / "out"
+    assert _predict(image_dir, "--model", tiny_model_dir, "--output", out) == 1
+    stderr = capsys.readouterr().err
+    assert "cannot read image" in stderr and "broken.png" in stderr and "1 of 3 image(s) could not be read" in stderr
+    assert (out / "a_overlay.png").is_file() and (out / "b.json").is_file() and not (out / "broken.json").exists()
+
+
+@pytest.mark.parametrize(
+    "make_source, message",
+    [
+        (lambda tmp: tmp / "missing.png", "input not found"),
+        (lambda tmp: (tmp / "empty").mkdir() or tmp / "empty", "no images in folder"),
+        (lambda tmp: str(tmp / "*.nothing"), "no images match the pattern"),
+    ],
+    ids=["missing-file", "empty-folder", "glob-without-images"],
+)
+def test_predict_bad_sources(tiny_model_dir, tmp_path, capsys, make_source, message):
+    assert _predict(make_source(tmp_path), "--model", tiny_model_dir, "--output", tmp_path / "out") == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("fastinst-hf predict: error: ") and message in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_predict_wrong_model_folders(image_dir, tmp_path, capsys):
+    no_config = tmp_path / "no_config"
+    no_config.mkdir()
+    assert _predict(image_dir, "--model", no_config) == 2
+    assert "has no config.json" in capsys.readouterr().err
+
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "mask2former"}))
+    assert _predict(image_dir, "--model", other) == 2
+    stderr = capsys.readouterr().err
+    assert "is not a FastInst model" in stderr and "mask2former" in stderr
+
+    assert _predict(image_dir, "--model", tmp_path / "does_not_exist") == 2
+    assert "model folder not found" in capsys.readouterr().err
+
+
+def test_predict_with_the_embedded_default_model_finds_the_demo_shapes(tmp_path):
+    demo = sorted(DEMO_IMAGE_DIR.glob("*.png"))[0]
+    out = tmp_path / "out"
+    assert _predict(demo, "--output", out) == 0
+    record = json.loads((out / f"{demo.stem}.json").read_text())
+    assert record["model"] == str(DEFAULT_MODEL_DIR)
+    # The demo images are held-out samples of the training distribution; the ground truth is bundled beside them.
+    coco = json.loads((DEMO_IMAGE_DIR / "annotations.json").read_text())
+    image_id = next(img["id"] for img in coco["images"] if img["file_name"] == demo.name)
+    truth = [a for a in coco["annotations"] if a["image_id"] == image_id]
+    height, width = record["height"], record["width"]
+    truth_rles = [
+        mask_util.merge(mask_util.frPyObjects(a["segmentation"], height, width))
+        if isinstance(a["segmentation"], list)
+        else a["segmentation"]
+        for a in truth
+    ]
+    predicted = [inst["segmentation"] for inst in record["instances"]]
+    assert predicted, "the default model finds nothing on its own demo image"
+    ious = mask_util.iou(truth_rles, predicted, [0] * len(predicted))
+    assert (np.asarray(ious).max(axis=1) >= 0.5).mean() >= 0.5, "fewer than half the shapes found"
+
+
+def test_overlay_draws_fill_contour_and_tag():
+    image = Image.new("RGB", (60, 40), (0, 0, 0))
+    mask = np.zeros((1, 40, 60), dtype=bool)
+    mask[0, 20:35, 30:55] = True
+    overlay = np.asarray(draw_instances(image, mask, [0], [0.9], {0: "circle"}))
+    assert overlay[27, 42].any() and not overlay[38, 5].any()  # filled inside, untouched outside
+    contour = mask_contour(mask[0])
+    assert contour[20, 40] and not contour[27, 42]
+    assert not np.array_equal(overlay[20:24, 30:50], np.broadcast_to(overlay[27, 42], (4, 20, 3)))  # the tag
+
+
+def test_evaluate_prints_the_ap_table(tiny_model_dir, tmp_path, capsys):
+    coco_json = make_shapes_dataset(tmp_path / "data", num_images=2, image_size=(64, 64), num_classes=2, seed=3)
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--coco-json", str(coco_json),
+                 "--images", str(tmp_path / "data" / "images"), "--device", "cpu"]) == 0
+    stdout = capsys.readouterr().out
+    assert "AP50" in stdout and "ms/img" in stdout and "2 images" in stdout
+    assert main(["evaluate", "--coco-json", str(tmp_path / "nope.json"), "--images", str(tmp_path)]) == 2
+    assert "--coco-json: file not found" in capsys.readouterr().err
+
+
+def test_convert_is_forwarded(tmp_path, capsys):
+    out = tmp_path / "converted"
+    argv = ["convert", "--checkpoint", str(FIXTURE / "model_state_dict.pt"), "--config", str(FIXTURE / "config.yaml")]
+    assert main([*argv, "--output-dir", str(out)]) == 0
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert "converted" in capsys.readouterr().out
+    assert main(["convert", "--checkpoint", str(tmp_path / "nope.pth"), "--variant", "fastinst-d1-r50",
+                 "--output-dir", str(out)]) == 2
+
+
+def test_train_is_forwarded(monkeypatch):
+    import fastinst_hf.training
+
+    seen = []
+    monkeypatch.setattr(fastinst_hf.training, "main", lambda argv: seen.append(argv) or 0)
+    assert main(["train", "--train-json", "t.json", "--max-steps", "3"]) == 0
+    assert seen == [["--train-json", "t.json", "--max-steps", "3"]]
+
+
+def test_benchmark_prints_a_stage_table(tiny_model_dir, image_dir, capsys):
+    argv = ["benchmark", "--model", str(tiny_model_dir), "--image", str(image_dir / "a.png"), "--device", "cpu"]
+    assert main([*argv, "--runs", "3", "--warmup", "1"]) == 0
+    stdout = capsys.readouterr().out
+    for stage in ("preprocess", "backbone", "pixel decoder", "decoder + heads", "postprocess", "total", "FPS"):
+        assert stage in stdout
+    assert "median ms" in stdout and "p90 ms" in stdout and "CPU threads" in stdout and "padded input 96x64" in stdout
+    assert main([*argv, "--fp16"]) == 2
+    assert "--fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
+    import onnxruntime
+
+    from fastinst_hf import FastInstForInstanceSegmentation
+    from fastinst_hf.hub_models import resolve_model
+
+    output = tmp_path / "default.onnx"
+    assert main(["export", "--output", str(output)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    model = FastInstForInstanceSegmentation.from_pretrained(resolve_model(None)).eval()
+    pixel_values = torch.randn(1, 3, 256, 320)
+    with torch.no_grad():
+        expected = model(pixel_values).masks_queries_logits.numpy()
+    session = onnxruntime.InferenceSession(str(output))
+    _, masks = session.run(None, {"pixel_values": pixel_values.numpy()})
+    np.testing.assert_allclose(masks, expected, atol=1e-3, rtol=1e-3)
+    assert main(["export", "--output", str(output), "--height", "100"]) == 2
+    assert "multiples of 32" in capsys.readouterr().err
+
+
+def test_official_variant_is_downloaded_and_converted_once(tmp_path, monkeypatch):
+    """The variant route with the fixture checkpoint served from a file:// URL and the fixture's small architecture."""
+    monkeypatch.setattr(hub_models, "official_checkpoint_url", lambda name: (FIXTURE / "model_state_dict.pt").as_uri())
+    monkeypatch.setattr(hub_models, "variant_config", lambda name: config_from_detectron2(FIXTURE / "config.yaml"))
+    monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))
+    folder = resolve_model("fastinst-d1-r50")
+    assert folder == tmp_path / "cache" / "fastinst-d1-r50" / "converted"
+    assert (folder / "config.json").is_file() and (folder / "preprocessor_config.json").is_file()
+    assert (folder.parent / "fastinst_R50_ppm-fpn_x1_576_34.9.pth").is_file()
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "temporary files left behind"
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("downloaded again")
+
+    monkeypatch.setattr(hub_models, "download_file", no_download)
+    assert resolve_model("fastinst-d1-r50") == folder
+    model = FastInstForInstanceSegmentation.from_pretrained(folder)
+    assert model.config.hidden_dim == 64
+
+
+def test_official_variant_offline_error_names_the_url_and_the_manual_route(tmp_path, monkeypatch, image_dir, capsys):
+    url = (tmp_path / "unreachable" / "fastinst_R50_ppm-fpn_x1_576_34.9.pth").as_uri()
+    monkeypatch.setattr(hub_models, "official_checkpoint_url", lambda name: url)
+    with pytest.raises(ModelResolutionError) as error:
+        resolve_model("fastinst-d1-r50", cache_dir=tmp_path / "cache")
+    message = str(error.value)
+    assert url in message
+    assert "fastinst-hf convert --checkpoint FILE --variant fastinst-d1-r50 --output-dir DIR" in message
+    assert "--model DIR" in message
+
+    monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))
+    assert _predict(image_dir, "--model", "fastinst-d1-r50") == 2
+    assert "could not download the official fastinst-d1-r50 checkpoint" in capsys.readouterr().err
+
+
+def test_unknown_hub_repo_offline_gives_a_clear_error():
+    # conftest sets HF_HUB_OFFLINE=1, so this never reaches the network.
+    with pytest.raises(ModelResolutionError, match="could not load 'nobody/no-such-fastinst' from the Hugging Face"):
+        resolve_model("nobody/no-such-fastinst")
