@@ -1,12 +1,18 @@
 import os
-from pathlib import Path
 
-import numpy as np
-import pytest
-import torch
-
+# One thread per process: the suite runs on 2 cores and starts multi-process trainings, where more threads only
+# oversubscribe the cores (tens of times slower). Set before torch starts its thread pool; inherited by subprocesses.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("d1_r50slim_small", "d3_r50slim_small")

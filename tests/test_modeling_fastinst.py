@@ -92,22 +92,28 @@ def test_decoder_layers_in_isolation_match_official(variant):
 
 
 def test_end_to_end_predictions_match_official(variant, eval_outputs):
+    """The whole decoder. Its attention masks threshold mask logits at 0, so float drift can flip a few of the
+    152,064 bits (the official code itself flips one in D3 when run with 1 thread instead of 2); as the fixtures'
+    README advises, allow a handful of flipped bits and then 1e-3 relative downstream, else 1e-4."""
     reference, output = load_eval_fixture(variant), eval_outputs[variant]
     config = converted_model(variant).config
+    flipped = []
     for index in range(config.decoder_layers):
         predicted = output.auxiliary_logits[index]["masks_queries_logits"]
         mask = attention_mask_from_masks(predicted, config.num_auxiliary_queries, config.num_attention_heads)
         official = reference[f"decoder.layer{index}.attn_mask"]
-        assert torch.equal(mask[:: config.num_attention_heads], official), f"attention mask of layer {index}"
-        assert_close_rel(predicted, reference[f"aux_outputs.{index}.pred_masks"], name=f"aux {index} masks")
-        assert_close_rel(
-            output.query_hidden_states[index + 1], seq_first(reference[f"decoder.layer{index}.query_out"])
-        )
-        assert_close_rel(
-            output.pixel_hidden_states[index + 1], seq_first(reference[f"decoder.layer{index}.pixel_out"])
-        )
-    assert_close_rel(output.class_queries_logits, reference["pred_logits"], name="pred_logits")
-    assert_close_rel(output.masks_queries_logits, reference["pred_masks"], name="pred_masks")
+        flipped.append(int((mask[:: config.num_attention_heads] != official).sum()))
+    assert max(flipped) <= 4, f"attention-mask bits differing per layer: {flipped}"
+    tolerance = REL_TOL if sum(flipped) == 0 else 1e-3
+    for index in range(config.decoder_layers):
+        predicted = output.auxiliary_logits[index]["masks_queries_logits"]
+        assert_close_rel(predicted, reference[f"aux_outputs.{index}.pred_masks"], tolerance, f"aux {index} masks")
+        for kind in ("query", "pixel"):
+            ours = getattr(output, f"{kind}_hidden_states")[index + 1]
+            official = seq_first(reference[f"decoder.layer{index}.{kind}_out"])
+            assert_close_rel(ours, official, tolerance, f"layer {index} {kind}_out")
+    assert_close_rel(output.class_queries_logits, reference["pred_logits"], tolerance, "pred_logits")
+    assert_close_rel(output.masks_queries_logits, reference["pred_masks"], tolerance, "pred_masks")
 
 
 def test_training_losses_match_official(variant, monkeypatch):
