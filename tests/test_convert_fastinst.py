@@ -132,3 +132,61 @@ def test_release_urls():
     )
     with pytest.raises(ValueError, match="unknown FastInst variant"):
         official_checkpoint_url("fastinst-d9")
+
+
+def test_torchvision_imagenet_backbone_weights_load_exactly(tmp_path):
+    """A torchvision ResNet-50 state dict (here random) lands in the R50 backbone: same features as torchvision's."""
+    import torchvision
+
+    from fastinst_hf import FastInstModel
+    from fastinst_hf.convert_fastinst import load_imagenet_backbone
+
+    torch.manual_seed(0)
+    resnet = torchvision.models.resnet50().eval()
+    for module in resnet.modules():  # non-trivial BN statistics
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.normal_(0, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    path = tmp_path / "resnet50.pth"
+    torch.save(resnet.state_dict(), path)
+    model = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50")).eval()
+    load_imagenet_backbone(model, path)
+    image = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        features = model.backbone(image).feature_maps
+        x = resnet.maxpool(resnet.relu(resnet.bn1(resnet.conv1(image))))
+        expected = []
+        for stage in (resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4):
+            x = stage(x)
+            expected.append(x)
+    for ours, theirs in zip(features, expected[1:]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+    wrong = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18().state_dict(), wrong)
+    with pytest.raises(CheckpointConversionError, match="shape mismatches"):
+        load_imagenet_backbone(model, wrong)
+    vd = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn"))
+    with pytest.raises(ValueError, match="timm resnet50d"):
+        load_imagenet_backbone(vd, "torchvision")
+
+
+def test_timm_resnet_d_weights_load_into_the_vd_backbone(tmp_path):
+    """timm's resnet50d names are the vd backbone's; the deformable offsets, absent from ImageNet weights, are zero."""
+    from fastinst_hf import FastInstModel
+    from fastinst_hf.convert_fastinst import load_imagenet_backbone
+
+    model = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn"))
+    state = {k: v.clone().normal_() for k, v in model.backbone.state_dict().items() if "conv2_offset" not in k}
+    state["fc.weight"] = torch.zeros(1000, 2048)
+    path = tmp_path / "resnet50d.pth"
+    torch.save(state, path)
+    load_imagenet_backbone(model, path)
+    loaded = model.backbone.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in state.items() if k in loaded)
+    offsets = [v for k, v in loaded.items() if "conv2_offset" in k]
+    assert len(offsets) == 2 * (6 + 3) and all(not v.any() for v in offsets)
+    del state["layer1.0.conv1.weight"]
+    torch.save(state, path)
+    with pytest.raises(CheckpointConversionError, match=r"model keys the checkpoint does not provide \(1\)"):
+        load_imagenet_backbone(model, path)

@@ -13,6 +13,7 @@ from torch import nn
 
 from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
+from fastinst_hf import training
 from fastinst_hf.synthetic import make_shapes_dataset, split_coco
 from fastinst_hf.training import (
     CLASS_HEAD_KEY_PARTS,
@@ -228,8 +229,12 @@ def test_interrupted_save_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     # Resuming uses step_1, cleans the partial save and finishes; the final push goes through the mocked Hub API.
     monkeypatch.setattr(Accelerator, "save_state", original)
     pushed = []
-    monkeypatch.setattr(FastInstForInstanceSegmentation, "push_to_hub", lambda self, repo, **kw: pushed.append(repo))
-    monkeypatch.setattr(FastInstImageProcessor, "push_to_hub", lambda self, repo, **kw: pushed.append(repo))
+
+    def fake_push(model, processor, repo_id, model_card, private):
+        pushed.append((repo_id, type(model).__name__, type(processor).__name__, "3 steps" in model_card))
+        return f"https://huggingface.co/{repo_id}/commit/0"
+
+    monkeypatch.setattr(training, "push_model_to_hub", fake_push)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -238,7 +243,7 @@ def test_interrupted_save_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     assert [r["step"] for r in _records(output_dir)] == [1, 2, 3]
     assert latest_checkpoint(output_dir).name == "step_3"
     assert not list((output_dir / "checkpoints").glob(".tmp_*"))
-    assert pushed == ["me/fastinst-shapes", "me/fastinst-shapes"]
+    assert pushed == [("me/fastinst-shapes", "FastInstForInstanceSegmentation", "FastInstImageProcessor", True)]
 
 
 @pytest.mark.parametrize(
@@ -251,6 +256,7 @@ def test_interrupted_save_keeps_last_checkpoint(data, tmp_path, monkeypatch):
         (("--config-json", "{not json"), "--config-json: not valid JSON"),
         (("--max-steps", "0"), "--max-steps must be >= 1"),
         (("--resume", "no_checkpoint_here"), "--resume: no_checkpoint_here is not a checkpoint folder"),
+        (("--backbone-weights", "no_such.pth"), "--backbone-weights: file not found: no_such.pth"),
     ],
 )
 def test_bad_inputs_exit_with_message(data, tmp_path, capsys, change, message):

@@ -43,6 +43,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from .configuration_fastinst import VARIANTS, FastInstConfig
+from .convert_fastinst import load_imagenet_backbone
 from .data import (
     CROP_RESIZE_SHORT_EDGES,
     CROP_SIZE_RANGE,
@@ -54,6 +55,7 @@ from .data import (
 )
 from .evaluate_model import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics, processor_for_config
 from .evaluation import METRIC_NAMES, CocoMaskEvaluator
+from .hub import push_model_to_hub, render_model_card
 from .modeling_fastinst import FastInstForInstanceSegmentation
 
 # Upstream schedule: 368,750 iterations at batch 16 (~50 COCO epochs), lr x0.1 at 327,778 and 355,092.
@@ -110,6 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     model.add_argument(
         "--config-json", help="FastInstConfig overrides: a JSON file or an inline JSON object (e.g. a tiny test model)"
+    )
+    model.add_argument(
+        "--backbone-weights",
+        help="ImageNet backbone weights when --init is 'config' or a variant, as upstream trains: 'torchvision' "
+        "(ResNet-50/101, downloaded once) or a file (torchvision ResNet or timm resnet50d state dict)",
     )
 
     optim = parser.add_argument_group("optimisation")
@@ -195,6 +202,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
             f"--output-dir {args.output_dir} already holds a run with checkpoints: pass --resume to continue it, "
             "or choose another folder"
         )
+    if args.backbone_weights is not None and args.init not in ("config", *VARIANTS):
+        parser.error("--backbone-weights only applies to a new model (--init config or a variant name)")
+    if args.backbone_weights not in (None, "torchvision") and not Path(args.backbone_weights).is_file():
+        parser.error(f"--backbone-weights: file not found: {args.backbone_weights}")
     args.config_overrides = _read_config_overrides(parser, args.config_json)
     if "backbone_config" in args.config_overrides and args.init not in ("config", *VARIANTS):
         parser.error("--config-json: backbone_config can not be overridden when --init is a saved model")
@@ -534,6 +545,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if len(train_dataset) == 0:
         raise ValueError(f"{args.train_json}: no image with a usable annotation to train on")
     model = build_model(args.init, args.config_overrides, train_dataset.id2label, log=accelerator.print)
+    if args.backbone_weights is not None:
+        load_imagenet_backbone(model, args.backbone_weights)
+        accelerator.print(f"backbone initialised from ImageNet weights: {args.backbone_weights}")
     processor = processor_for_config(model.config)
 
     val_dataset = None
@@ -728,9 +742,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         metrics.plot()
         if args.push_to_hub:
             unwrapped = accelerator.unwrap_model(model)
-            unwrapped.push_to_hub(args.push_to_hub, private=args.hub_private)
-            processor.push_to_hub(args.push_to_hub, private=args.hub_private)
-            accelerator.print(f"pushed model and processor to https://huggingface.co/{args.push_to_hub}")
+            description = (
+                f"Trained with `fastinst_hf` on `{args.train_json}` for {step} steps "
+                f"(`--init {args.init}`)."
+                + (f" COCO mask AP on `{args.val_json}`: {summary['final_eval']['AP']:.2f}." if summary["final_eval"] else "")
+            )
+            card = render_model_card(unwrapped.config, args.push_to_hub, description=description)
+            url = push_model_to_hub(unwrapped, processor, args.push_to_hub, model_card=card, private=args.hub_private)
+            accelerator.print(f"pushed model, processor and model card: {url}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary
