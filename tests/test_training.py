@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastinst_hf import FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation, training
 from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
-from fastinst_hf import training
 from fastinst_hf.synthetic import make_shapes_dataset, split_coco
 from fastinst_hf.training import (
     CLASS_HEAD_KEY_PARTS,

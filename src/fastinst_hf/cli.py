@@ -29,10 +29,11 @@ import glob
 import json
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+from .io_utils import atomic_path, atomic_write_text
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif", ".ppm", ".pgm")
 DEFAULT_OUTPUT_DIR = "fastinst_predictions"
@@ -106,18 +107,6 @@ def _unique_stems(paths: Sequence[Path]) -> list[str]:
         seen[path.stem] = count
         stems.append(path.stem if count == 1 else f"{path.stem}-{count}")
     return stems
-
-
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(temporary_path)` then rename it to `path`, so that a reader never sees a half-written file."""
-    descriptor, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(descriptor)
-    try:
-        write(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,8 +247,9 @@ def run_predict(args: argparse.Namespace) -> int:
             "timing_ms": {name: round(value, 3) for name, value in timings.items()},
             "instances": instances_to_records(masks, labels, scores, id2label),
         }
-        _atomic_write(output_dir / f"{stem}_overlay.png", lambda tmp: overlay.save(tmp, format="PNG"))
-        _atomic_write(output_dir / f"{stem}.json", lambda tmp: Path(tmp).write_text(json.dumps(record, indent=1)))
+        with atomic_path(output_dir / f"{stem}_overlay.png") as temporary:
+            overlay.save(temporary, format="PNG")
+        atomic_write_text(output_dir / f"{stem}.json", json.dumps(record, indent=1))
         tqdm.write(
             f"{path}: {len(labels)} instances | preprocess {timings['preprocess']:.1f} ms | "
             f"inference {timings['inference']:.1f} ms | postprocess {timings['postprocess']:.1f} ms",

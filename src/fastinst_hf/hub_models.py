@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 
 from .configuration_fastinst import VARIANTS, FastInstConfig
 from .convert_fastinst import CheckpointConversionError, convert_checkpoint, official_checkpoint_url, save_converted
+from .io_utils import atomic_path
 
 DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
 DEMO_IMAGE_DIR = Path(__file__).parent / "assets" / "demo"
@@ -78,18 +79,13 @@ def variant_config(variant: str) -> FastInstConfig:
 def download_file(url: str, destination: Path, timeout: float = 60.0) -> Path:
     """Download `url` to `destination` atomically (a partial file never takes the final name), with a progress bar."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, partial = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".part")
-    try:
-        with os.fdopen(descriptor, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
+    with atomic_path(destination) as partial:
+        with open(partial, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as response:
             total = int(response.headers.get("Content-Length") or 0) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=destination.name, leave=False) as progress:
                 while chunk := response.read(1 << 20):
                     out.write(chunk)
                     progress.update(len(chunk))
-        os.replace(partial, destination)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
     return destination
 
 

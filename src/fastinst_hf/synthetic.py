@@ -19,6 +19,7 @@ import pycocotools.mask as mask_util
 from PIL import Image
 
 from .data import encode_mask, load_coco_json
+from .io_utils import atomic_write_bytes
 
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
 # Base colours of the classes (RGB); class k draws shape SHAPE_KINDS[k % 3] in colour _PALETTE[k].
@@ -31,23 +32,17 @@ STARDIST_IMAGE_MEMBER = "stardist/data/images/img2d.tif"
 STARDIST_LABELS_MEMBER = "stardist/data/images/mask2d.tif"
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(payload)
-    os.replace(tmp, path)
-
-
 def _atomic_save_image(path: Path, image: Image.Image) -> None:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG", quality=95)
-    _atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 def write_coco_json(path: str | os.PathLike, coco: dict) -> Path:
     """Write a COCO dict atomically and return the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(path, json.dumps(coco).encode("utf-8"))
+    atomic_write_bytes(path, json.dumps(coco).encode("utf-8"))
     return path
 
 

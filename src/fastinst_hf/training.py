@@ -56,6 +56,7 @@ from .data import (
 from .evaluate_model import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics, processor_for_config
 from .evaluation import METRIC_NAMES, CocoMaskEvaluator
 from .hub import push_model_to_hub, render_model_card
+from .io_utils import atomic_write_text
 from .modeling_fastinst import FastInstForInstanceSegmentation
 
 # Upstream schedule: 368,750 iterations at batch 16 (~50 COCO epochs), lr x0.1 at 327,778 and 355,092.
@@ -373,15 +374,6 @@ class EpochShuffleSampler(Sampler[int]):
 # --------------------------------------------------------------------------------------------------
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class MetricsLog:
     """`metrics.jsonl` (every value) and `metrics.csv` (`CSV_COLUMNS`) in the run folder, plus `metrics.png`.
 
@@ -397,9 +389,9 @@ class MetricsLog:
         if resume_step is not None and self.jsonl.is_file():
             lines = self.jsonl.read_text(encoding="utf-8").splitlines()
             self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
-        _atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records))
+        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records), sync=True)
         rows = [self._csv_row(r) for r in self.records]
-        _atomic_write_text(self.csv, ",".join(CSV_COLUMNS) + "\n" + "".join(rows))
+        atomic_write_text(self.csv, ",".join(CSV_COLUMNS) + "\n" + "".join(rows))
 
     @staticmethod
     def _csv_row(record: dict) -> str:
@@ -477,7 +469,7 @@ def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, keep: in
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        _atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2))
+        atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2), sync=True)
         if final.exists():  # the same step saved again (e.g. a resumed run re-saving its end): swap it out
             old = root / f".old_{name}"
             shutil.rmtree(old, ignore_errors=True)
@@ -486,7 +478,7 @@ def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, keep: in
             shutil.rmtree(old)
         else:
             os.replace(tmp, final)
-        _atomic_write_text(root / LATEST, name + "\n")
+        atomic_write_text(root / LATEST, name + "\n", sync=True)
         if keep:
             done = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
             for old in done[:-keep]:
@@ -629,7 +621,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             "command": [sys.executable, *sys.argv],
             "args": vars(args),
         }
-        _atomic_write_text(output_dir / "run_info.json", json.dumps(info, indent=2, default=str))
+        atomic_write_text(output_dir / "run_info.json", json.dumps(info, indent=2, default=str))
         metrics = MetricsLog(output_dir, trainer_state["step"] if checkpoint is not None else None)
     accelerator.print(
         f"{accelerator.num_processes} process(es) on {accelerator.device}, total batch {total_batch} "
