@@ -286,8 +286,30 @@ class FastInstImageProcessingMixin:
         temporary.replace(config_file)
         return saved
 
-    def _encode(self, pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors):
-        """The processor output: padded images and masks, plus the training targets when given."""
+    def _preprocess(
+        self,
+        images: list,
+        targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
+        do_resize: bool,
+        size: SizeDict,
+        resample,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean,
+        image_std,
+        size_divisor: int,
+        return_tensors=None,
+        **kwargs,
+    ) -> BatchFeature:
+        """Resize (detectron2 sizes), normalise and pad each image (the backend's `_resize_normalize_and_pad`), then
+        bring the training targets to the padded size."""
+        original_sizes = [tuple(image.shape[-2:]) for image in images]
+        resized_sizes = [self._resized_size(h, w, size, do_resize) for h, w in original_sizes]
+        padded_size = get_padded_size(resized_sizes, size_divisor)
+        pixel_values, pixel_mask = self._resize_normalize_and_pad(
+            images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+        )
         encoded = BatchFeature(
             data={"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors
         )
@@ -600,25 +622,9 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
             do_rescale = False
         return image_mean, image_std, do_rescale
 
-    def _preprocess(
-        self,
-        images: list[torch.Tensor],
-        targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
-        do_resize: bool,
-        size: SizeDict,
-        resample,
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean,
-        image_std,
-        size_divisor: int,
-        return_tensors=None,
-        **kwargs,
-    ) -> BatchFeature:
-        original_sizes = [tuple(image.shape[-2:]) for image in images]
-        resized_sizes = [self._resized_size(h, w, size, do_resize) for h, w in original_sizes]
-        padded_size = get_padded_size(resized_sizes, size_divisor)
+    def _resize_normalize_and_pad(
+        self, images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pixel_values, pixel_mask = [], []
         for image, resized_size in zip(images, resized_sizes):
             if tuple(image.shape[-2:]) != resized_size:
@@ -631,10 +637,7 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
             mask = torch.zeros(padded_size, dtype=torch.int64, device=image.device)
             mask[: resized_size[0], : resized_size[1]] = 1
             pixel_mask.append(mask)
-
-        return self._encode(
-            pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors
-        )
+        return pixel_values, pixel_mask
 
 
 __all__ = ["FastInstImageProcessor"]

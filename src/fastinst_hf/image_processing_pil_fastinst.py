@@ -2,12 +2,10 @@
 
 import numpy as np
 import PIL.Image
-import torch
 from transformers.image_processing_backends import PilBackend
-from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import PILImageResampling, SizeDict
 
-from .image_processing_fastinst import FastInstImageProcessingMixin, get_padded_size
+from .image_processing_fastinst import FastInstImageProcessingMixin
 
 
 class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
@@ -36,32 +34,15 @@ class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
         ]
         return np.stack(channels)
 
-    def _preprocess(
-        self,
-        images: list[np.ndarray],
-        targets: tuple[list[torch.Tensor], list[torch.Tensor]] | None,
-        do_resize: bool,
-        size: SizeDict,
-        resample,
-        do_rescale: bool,
-        rescale_factor: float,
-        do_normalize: bool,
-        image_mean,
-        image_std,
-        size_divisor: int,
-        return_tensors=None,
-        **kwargs,
-    ) -> BatchFeature:
-        original_sizes = [tuple(image.shape[-2:]) for image in images]
-        resized_sizes = [self._resized_size(h, w, size, do_resize) for h, w in original_sizes]
-        padded_size = get_padded_size(resized_sizes, size_divisor)
+    def _resize_normalize_and_pad(
+        self, images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         # Fuse rescale and normalisation into one float32 `(x - mean) / std` on 0-255 values, as upstream computes.
         scale = rescale_factor if do_rescale else 1.0
         mean = np.asarray(image_mean if do_normalize else 0.0, dtype=np.float64) / scale
         std = np.asarray(image_std if do_normalize else 1.0, dtype=np.float64) / scale
         mean = mean.astype(np.float32).reshape(-1, 1, 1)
         std = std.astype(np.float32).reshape(-1, 1, 1)
-
         pixel_values, pixel_mask = [], []
         for image, resized_size in zip(images, resized_sizes):
             if tuple(image.shape[-2:]) != resized_size:
@@ -73,10 +54,7 @@ class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
             mask = np.zeros(padded_size, dtype=np.int64)
             mask[: resized_size[0], : resized_size[1]] = 1
             pixel_mask.append(mask)
-
-        return self._encode(
-            pixel_values, pixel_mask, targets, resized_sizes, padded_size, original_sizes, return_tensors
-        )
+        return pixel_values, pixel_mask
 
 
 __all__ = ["FastInstImageProcessorPil"]
