@@ -34,8 +34,8 @@ def fixture_predictions(fixture: dict) -> list[dict]:
     entries = outputs["aux_outputs"] + [outputs]
     return [
         {
-            "class_logits": entry["pred_logits"],
-            "mask_logits": entry["pred_masks"],
+            "class_queries_logits": entry["pred_logits"],
+            "masks_queries_logits": entry["pred_masks"],
             "matching_indices": entry.get("pred_matching_indices"),
         }
         for entry in entries
@@ -193,8 +193,8 @@ def random_inputs(num_targets: list[int], seed: int = 0, requires_grad: bool = F
 
     predictions = [
         {
-            "class_logits": randn(batch_size, num_queries, num_classes + 1),
-            "mask_logits": randn(batch_size, num_queries, 8, 12),
+            "class_queries_logits": randn(batch_size, num_queries, num_classes + 1),
+            "masks_queries_logits": randn(batch_size, num_queries, 8, 12),
             "matching_indices": None,
         }
         for _ in range(5)
@@ -214,7 +214,7 @@ def test_image_without_targets():
     predictions, proposal_logits, query_locations, mask_labels, class_labels = random_inputs([0])
     loss_fn = small_loss()
     indices = loss_fn.matcher(
-        predictions[-1]["class_logits"], predictions[-1]["mask_logits"], query_locations, mask_labels, class_labels
+        predictions[-1]["class_queries_logits"], predictions[-1]["masks_queries_logits"], query_locations, mask_labels, class_labels
     )
     assert [tuple(t.shape) for t in indices[0]] == [(0,), (0,)]
     proposal_indices = loss_fn.proposal_matcher(proposal_logits, mask_labels, class_labels)
@@ -222,7 +222,7 @@ def test_image_without_targets():
     losses = loss_fn(predictions, proposal_logits, query_locations, mask_labels, class_labels)
     assert len(losses) == 3 * 5 + 1
     # Everything is no-object; mask losses are 0; num_masks is clamped to 1.
-    expected_ce = F.cross_entropy(predictions[-1]["class_logits"].transpose(1, 2), torch.full((1, 10), 80))
+    expected_ce = F.cross_entropy(predictions[-1]["class_queries_logits"].transpose(1, 2), torch.full((1, 10), 80))
     torch.testing.assert_close(losses["loss_ce"], 2.0 * expected_ce)
     assert losses["loss_mask"] == 0 and losses["loss_dice"] == 0
     expected_proposal = F.cross_entropy(proposal_logits.flatten(2), torch.full((1, 24), 80))
@@ -234,7 +234,7 @@ def test_batch_with_different_target_counts():
     loss_fn = small_loss()
     for indices in (
         loss_fn.matcher(
-            predictions[0]["class_logits"], predictions[0]["mask_logits"], query_locations, mask_labels, class_labels
+            predictions[0]["class_queries_logits"], predictions[0]["masks_queries_logits"], query_locations, mask_labels, class_labels
         ),
         loss_fn.proposal_matcher(proposal_logits, mask_labels, class_labels),
     ):
@@ -250,7 +250,7 @@ def test_gradients_flow():
     predictions, proposal_logits, query_locations, mask_labels, class_labels = inputs
     losses = small_loss()(predictions, proposal_logits, query_locations, mask_labels, class_labels)
     sum(losses.values()).backward()
-    for tensor in [proposal_logits] + [p[key] for p in predictions for key in ("class_logits", "mask_logits")]:
+    for tensor in [proposal_logits] + [p[key] for p in predictions for key in ("class_queries_logits", "masks_queries_logits")]:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
 
@@ -269,7 +269,7 @@ def test_invalid_inputs():
         loss_fn(predictions, proposal_logits, query_locations, mixed_sizes, class_labels)
     with pytest.raises(ValueError, match="query_locations"):
         loss_fn.matcher(
-            predictions[0]["class_logits"], predictions[0]["mask_logits"], query_locations[:, :3], mask_labels,
+            predictions[0]["class_queries_logits"], predictions[0]["masks_queries_logits"], query_locations[:, :3], mask_labels,
             class_labels,
         )
     with pytest.raises(ValueError, match="matching_indices"):

@@ -388,8 +388,9 @@ class FastInstLoss(nn.Module):
         """
         Args:
             predictions: prediction sets in upstream order `[guided_0 .. guided_{L-1}, head_0 .. head_L]`; the last
-                one is the final output. Each is a dict with `"class_logits"` [B, Q, K+1], `"mask_logits"`
-                [B, Q, h, w] and `"matching_indices"` (per image `(query idx, target idx)`, or None to match here).
+                one is the final output. Each is a dict with `"class_queries_logits"` [B, Q, K+1],
+                `"masks_queries_logits"` [B, Q, h, w] and optionally `"matching_indices"` (per image
+                `(query idx, target idx)`; absent or None: matched here).
             proposal_logits: [B, K+1, h16, w16] IA classifier logits.
             query_locations: [B, Q, 2] (x, y) in [0, 1] of the selected proposal cells.
             mask_labels: B tensors [N_i, H, W] (bool or float) zero-padded to the padded pixel_values size.
@@ -416,7 +417,7 @@ class FastInstLoss(nn.Module):
 
         losses = {}
         for prediction, suffix in prediction_sets:
-            class_logits, mask_logits = prediction["class_logits"], prediction["mask_logits"]
+            class_logits, mask_logits = prediction["class_queries_logits"], prediction["masks_queries_logits"]
             indices = prediction.get("matching_indices")
             if indices is None:
                 indices = self.matcher(class_logits, mask_logits, query_locations, mask_labels, class_labels)

@@ -88,7 +88,8 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
         Mask logits of the last prediction head at 1/8 of the padded input size.
     auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
         Predictions of the earlier heads (see [`FastInstModelOutput`]); in training the GT-mask-guided
-        predictions come first, as upstream orders its deep-supervision outputs.
+        predictions come first, as upstream orders its deep-supervision outputs, each with the `matching_indices`
+        (per image, query and target indices) it is supervised with.
     proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
         Logits of the instance-activation (proposal) classification head.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
@@ -691,27 +692,16 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         auxiliary_logits = outputs.auxiliary_logits
         loss = loss_dict = None
         if mask_labels is not None:
-            guided = self.gt_mask_guided_predictions(outputs, mask_labels, class_labels)
-            predictions = [
-                {"class_logits": p["class_queries_logits"], "mask_logits": p["masks_queries_logits"], "matching_indices": None}
-                for p in auxiliary_logits
-            ]
+            # Upstream's order of the prediction sets: GT-mask-guided ones, earlier heads, last head.
+            auxiliary_logits = self.gt_mask_guided_predictions(outputs, mask_labels, class_labels) + auxiliary_logits
             final = {
-                "class_logits": outputs.class_queries_logits,
-                "mask_logits": outputs.masks_queries_logits,
-                "matching_indices": None,
+                "class_queries_logits": outputs.class_queries_logits,
+                "masks_queries_logits": outputs.masks_queries_logits,
             }
             loss_dict = self.criterion(
-                guided + predictions + [final],
-                outputs.proposal_logits,
-                outputs.query_locations,
-                mask_labels,
-                class_labels,
+                auxiliary_logits + [final], outputs.proposal_logits, outputs.query_locations, mask_labels, class_labels
             )
             loss = sum(loss_dict.values())
-            auxiliary_logits = [
-                {"class_queries_logits": p["class_logits"], "masks_queries_logits": p["mask_logits"]} for p in guided
-            ] + auxiliary_logits
         output = FastInstForInstanceSegmentationOutput(
             loss=loss,
             loss_dict=loss_dict,
@@ -758,7 +748,13 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
                 gt_attention_mask,
             )
             class_logits, mask_logits = decoder.prediction_heads[index + 1](query_states, pixel_states, mask_size)
-            guided.append({"class_logits": class_logits, "mask_logits": mask_logits, "matching_indices": matching_indices})
+            guided.append(
+                {
+                    "class_queries_logits": class_logits,
+                    "masks_queries_logits": mask_logits,
+                    "matching_indices": matching_indices,
+                }
+            )
         return guided
 
 
