@@ -80,8 +80,10 @@ def normalise_and_pad(chw, size_divisibility=32):
     """What the official model does before the backbone: (x - mean) / std, zero pad bottom/right to /32."""
     x = (chw - PIXEL_MEAN) / PIXEL_STD
     h, w = x.shape[-2:]
-    return F.pad(x, (0, -(-w // size_divisibility) * size_divisibility - w,
-                     0, -(-h // size_divisibility) * size_divisibility - h))[None]
+    return F.pad(
+        x,
+        (0, -(-w // size_divisibility) * size_divisibility - w, 0, -(-h // size_divisibility) * size_divisibility - h),
+    )[None]
 
 
 def timeit(fn, warmup, runs):
@@ -99,14 +101,21 @@ def decoder_stage(base, multi_scale):
     """The part of `FastInstModel.forward` after the pixel decoder (query proposal, dual-path decoder, heads):
     the counterpart of the official `sem_seg_head.predictor(multi_scale, None)`."""
     proposal_map, pixel_map = multi_scale[1], multi_scale[2]
-    proposal_position = F.interpolate(base.position_embedding, size=proposal_map.shape[-2:], mode="bilinear",
-                                      align_corners=False)
-    pixel_position = F.interpolate(base.position_embedding, size=pixel_map.shape[-2:], mode="bilinear",
-                                   align_corners=False)
+    proposal_position = F.interpolate(
+        base.position_embedding, size=proposal_map.shape[-2:], mode="bilinear", align_corners=False
+    )
+    pixel_position = F.interpolate(
+        base.position_embedding, size=pixel_map.shape[-2:], mode="bilinear", align_corners=False
+    )
     queries, query_position, _, _, _ = base.query_proposal(proposal_map, proposal_position)
-    return base.decoder(queries, pixel_map.flatten(2).transpose(1, 2), query_position,
-                        pixel_position.flatten(2).transpose(1, 2), tuple(pixel_map.shape[-2:]),
-                        predict_all_classes=False)
+    return base.decoder(
+        queries,
+        pixel_map.flatten(2).transpose(1, 2),
+        query_position,
+        pixel_position.flatten(2).transpose(1, 2),
+        tuple(pixel_map.shape[-2:]),
+        predict_all_classes=False,
+    )
 
 
 def bench(key, warmup, runs, image=None):
@@ -126,8 +135,14 @@ def bench(key, warmup, runs, image=None):
         outputs = model(normalise_and_pad(chw))
         return processor.instance_inference(outputs, threshold=0.0, target_sizes=target, image_sizes=[resized_hw])
 
-    res = {"label": label, "variant": variant, "image": img_desc, "model_input_hw": list(resized_hw),
-           "padded_hw": list(x.shape[-2:]), "params_M": sum(p.numel() for p in model.parameters()) / 1e6}
+    res = {
+        "label": label,
+        "variant": variant,
+        "image": img_desc,
+        "model_input_hw": list(resized_hw),
+        "padded_hw": list(x.shape[-2:]),
+        "params_M": sum(p.numel() for p in model.parameters()) / 1e6,
+    }
     with torch.no_grad():
         feats = tuple(base.backbone(x).feature_maps[-3:])
         ms = base.pixel_decoder(feats)
@@ -136,11 +151,14 @@ def bench(key, warmup, runs, image=None):
         res["stage_backbone"] = timeit(lambda: base.backbone(x), warmup, runs)
         res["stage_pixel_decoder"] = timeit(lambda: base.pixel_decoder(feats), warmup, runs)
         res["stage_transformer_decoder"] = timeit(lambda: decoder_stage(base, ms), warmup, runs)
-    print(f"{label}: input {res['model_input_hw']} pad {res['padded_hw']} params {res['params_M']:.2f}M  "
-          f"full {res['full']['median_ms']:.0f} ms  network {res['network']['median_ms']:.0f} ms  "
-          f"[backbone {res['stage_backbone']['median_ms']:.0f} / pixel dec "
-          f"{res['stage_pixel_decoder']['median_ms']:.0f} / transformer dec "
-          f"{res['stage_transformer_decoder']['median_ms']:.0f}]", flush=True)
+    print(
+        f"{label}: input {res['model_input_hw']} pad {res['padded_hw']} params {res['params_M']:.2f}M  "
+        f"full {res['full']['median_ms']:.0f} ms  network {res['network']['median_ms']:.0f} ms  "
+        f"[backbone {res['stage_backbone']['median_ms']:.0f} / pixel dec "
+        f"{res['stage_pixel_decoder']['median_ms']:.0f} / transformer dec "
+        f"{res['stage_transformer_decoder']['median_ms']:.0f}]",
+        flush=True,
+    )
     return res
 
 
@@ -154,11 +172,18 @@ def main(argv=None):
     ap.add_argument("which", nargs="*", default=["d1", "d3", "d3_r50"])
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    out = {"implementation": "fastinst_hf", "torch": torch.__version__, "threads": torch.get_num_threads(),
-           "cpu": platform.processor(), "cpu_count": os.cpu_count(), "results": {}}
+    out = {
+        "implementation": "fastinst_hf",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "results": {},
+    }
     try:
-        out["cpu_model"] = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo")
-                            if ln.startswith("model name")][0]
+        out["cpu_model"] = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")][
+            0
+        ]
     except Exception:
         pass
     try:

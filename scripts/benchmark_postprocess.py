@@ -94,10 +94,14 @@ def main() -> None:
 
     rows = [
         ("(a) upstream order (all 100 masks upsampled)", lambda: upstream_order(outputs, args.threshold)),
-        ("(b) processor.instance_inference", lambda: processor.instance_inference(
-            outputs, threshold=args.threshold, **sizes)),
-        ("(c) processor.post_process_instance_segmentation", lambda: processor.post_process_instance_segmentation(
-            outputs, threshold=args.threshold, **sizes)),
+        (
+            "(b) processor.instance_inference",
+            lambda: processor.instance_inference(outputs, threshold=args.threshold, **sizes),
+        ),
+        (
+            "(c) processor.post_process_instance_segmentation",
+            lambda: processor.post_process_instance_segmentation(outputs, threshold=args.threshold, **sizes),
+        ),
     ]
     results = [(name, median_ms(function, args.repeats)) for name, function in rows]
     kept_queries = ours["query_indices"].unique().numel()

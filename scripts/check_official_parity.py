@@ -104,8 +104,10 @@ class Table:
         print(f"{'stage':<{width}}{'max|diff|':>14}{'rel':>12}{'tol':>10}  ok")
         for r in self.rows:
             tol = r["tol"] if isinstance(r["tol"], str) else f"{r['tol']:.0e}"
-            print(f"{r['name']:<{width}}{str(r['max_abs']):>14}{str(r['rel']):>12}{tol:>10}  "
-                  f"{'ok' if r['ok'] else 'FAIL'}")
+            print(
+                f"{r['name']:<{width}}{str(r['max_abs']):>14}{str(r['rel']):>12}{tol:>10}  "
+                f"{'ok' if r['ok'] else 'FAIL'}"
+            )
 
 
 def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
@@ -124,17 +126,27 @@ def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
     for index in range(3):
         key = f"pixel_decoder.multi_scale.{index}"
         table.add(key, out.pixel_decoder_hidden_states[index], ref.get(key), REL_STAGE)
-    table.add("query_proposal.proposal_cls_logits", out.proposal_logits,
-              ref.get("query_proposal.proposal_cls_logits"), REL_STAGE)
+    table.add(
+        "query_proposal.proposal_cls_logits",
+        out.proposal_logits,
+        ref.get("query_proposal.proposal_cls_logits"),
+        REL_STAGE,
+    )
     if "query_proposal.score_map" in ref:
-        table.add("query_proposal.score_map", FastInstQueryProposal.score_map(out.proposal_logits),
-                  ref["query_proposal.score_map"], REL_STAGE)
+        table.add(
+            "query_proposal.score_map",
+            FastInstQueryProposal.score_map(out.proposal_logits),
+            ref["query_proposal.score_map"],
+            REL_STAGE,
+        )
     if "query_proposal.topk_indices" in ref:
         table.add_exact("query_proposal.topk_indices", out.proposal_indices, ref["query_proposal.topk_indices"])
-    for key, ours in (("decoder.query_in", out.query_hidden_states[0]),
-                      ("decoder.pixel_in", out.pixel_hidden_states[0]),
-                      ("decoder.query_pos_embeds", out.query_position_embeddings),
-                      ("decoder.pixel_pos_embeds", out.pixel_position_embeddings)):
+    for key, ours in (
+        ("decoder.query_in", out.query_hidden_states[0]),
+        ("decoder.pixel_in", out.pixel_hidden_states[0]),
+        ("decoder.query_pos_embeds", out.query_position_embeddings),
+        ("decoder.pixel_pos_embeds", out.pixel_position_embeddings),
+    ):
         if key in ref:
             table.add(key, ours, seq_first(ref[key]), REL_STAGE)
 
@@ -173,10 +185,16 @@ def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
             queries, pixels = seq_first(ref[prefix + "query_out"]), seq_first(ref[prefix + "pixel_out"])
     for index in range(config.decoder_layers):
         key = f"aux_outputs.{index}.pred_masks"
-        table.add(key, out.auxiliary_logits[index]["masks_queries_logits"], ref.get(key),
-                  REL_STAGE if index == 0 else decoder_tol)
-        for name, ours in (("query_out", out.query_hidden_states[index + 1]),
-                           ("pixel_out", out.pixel_hidden_states[index + 1])):
+        table.add(
+            key,
+            out.auxiliary_logits[index]["masks_queries_logits"],
+            ref.get(key),
+            REL_STAGE if index == 0 else decoder_tol,
+        )
+        for name, ours in (
+            ("query_out", out.query_hidden_states[index + 1]),
+            ("pixel_out", out.pixel_hidden_states[index + 1]),
+        ):
             key = f"decoder.layer{index}.{name}"
             if key in ref:
                 table.add(key, ours, seq_first(ref[key]), decoder_tol)
@@ -190,7 +208,10 @@ def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
         resized = tuple(meta["image"]["model_input_hw"])
         num_classes = config.num_labels
         inst = processor.instance_inference(
-            out, threshold=0.0, target_sizes=[target], image_sizes=[resized],
+            out,
+            threshold=0.0,
+            target_sizes=[target],
+            image_sizes=[resized],
             num_detections=len(ref["instances.flat_topk_indices"]),
         )[0]
         ours_flat = (inst["query_indices"] * num_classes + inst["labels"]).tolist()
@@ -198,13 +219,16 @@ def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
         common = sorted(set(ours_flat) & set(ref_flat))
         ours_row = {f: i for i, f in enumerate(ours_flat)}
         ref_row = {f: i for i, f in enumerate(ref_flat)}
-        table.add_info("instances.matching (query,class) pairs", f"{len(common)}/{len(ref_flat)}",
-                       ok=len(common) == len(ref_flat) == len(ours_flat), tol="all")
+        table.add_info(
+            "instances.matching (query,class) pairs",
+            f"{len(common)}/{len(ref_flat)}",
+            ok=len(common) == len(ref_flat) == len(ours_flat),
+            tol="all",
+        )
         if common:
             oi = torch.tensor([ours_row[f] for f in common])
             ri = torch.tensor([ref_row[f] for f in common])
-            table.add("instances.class_scores", inst["class_scores"][oi], ref["instances.class_scores"][ri],
-                      REL_SCORES)
+            table.add("instances.class_scores", inst["class_scores"][oi], ref["instances.class_scores"][ri], REL_SCORES)
             table.add("instances.scores", inst["scores"][oi], ref["instances.scores"][ri], REL_SCORES)
             ours_masks, ref_masks = inst["masks"][oi], ref["instances.pred_masks"][ri]
             inter = (ours_masks & ref_masks).flatten(1).sum(1).double()
@@ -213,8 +237,12 @@ def compare_eval(model, ref: dict, meta: dict, table: Table) -> dict:
             flipped = int((ours_masks != ref_masks).sum())
             total = ours_masks.numel()
             table.add_info("instances.mask IoU (min / mean)", f"{iou.min():.6f} / {iou.mean():.6f}")
-            table.add_info("instances.mask pixels flipped", f"{flipped}/{total} ({100 * flipped / total:.2g}%)",
-                           ok=flipped <= MAX_PIXEL_FLIP_FRACTION * total, tol="<0.01%")
+            table.add_info(
+                "instances.mask pixels flipped",
+                f"{flipped}/{total} ({100 * flipped / total:.2g}%)",
+                ok=flipped <= MAX_PIXEL_FLIP_FRACTION * total,
+                tol="<0.01%",
+            )
     return {"forward_s": forward_s, "attn_mask_bit_flips": flips if masks_stored else None}
 
 
@@ -246,8 +274,12 @@ def compare_losses(model, folder: Path, pixel_values: torch.Tensor, table: Table
         torch.rand = original_rand
         model.eval()
     leftover = sum(1 for _ in draws)
-    table.add_info("train.random draws used", f"{len(fixture['torch_rand_calls']) - leftover}/"
-                   f"{len(fixture['torch_rand_calls'])} (autograd {'on' if autograd else 'off'})", ok=leftover == 0)
+    table.add_info(
+        "train.random draws used",
+        f"{len(fixture['torch_rand_calls']) - leftover}/"
+        f"{len(fixture['torch_rand_calls'])} (autograd {'on' if autograd else 'off'})",
+        ok=leftover == 0,
+    )
     missing = set(fixture["losses"]) ^ set(out.loss_dict)
     table.add_info("train.loss names", "same" if not missing else f"differ: {sorted(missing)}", ok=not missing)
     for key in sorted(fixture["losses"]):
@@ -280,21 +312,30 @@ def main(argv=None) -> int:
     ref = load_eval(folder)
     table = Table()
     print(f"fixture {folder.name}: {meta.get('config_file')}  upstream {meta.get('upstream', {}).get('FastInst')}")
-    print(f"  image {meta['image']['original_hw']} -> {meta['image']['model_input_hw']} -> padded "
-          f"{list(ref['images_tensor'].shape[-2:])}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-          f"(official {meta.get('num_params', 0) / 1e6:.2f}M); backbone {type(model.model.backbone).__name__}")
+    print(
+        f"  image {meta['image']['original_hw']} -> {meta['image']['model_input_hw']} -> padded "
+        f"{list(ref['images_tensor'].shape[-2:])}; params {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+        f"(official {meta.get('num_params', 0) / 1e6:.2f}M); backbone {type(model.model.backbone).__name__}"
+    )
     info = compare_eval(model, ref, meta, table)
     if not args.no_train and (folder / "outputs_train_loss.pt").exists():
         compare_losses(model, folder, ref["images_tensor"], table)
     flips = info["attn_mask_bit_flips"]
-    print(f"  convert {convert_s:.1f}s, eval forward {info['forward_s']:.1f}s, attention-mask bit flips "
-          f"{flips if flips is not None else 'n/a (not stored)'}, threads {args.threads}")
+    print(
+        f"  convert {convert_s:.1f}s, eval forward {info['forward_s']:.1f}s, attention-mask bit flips "
+        f"{flips if flips is not None else 'n/a (not stored)'}, threads {args.threads}"
+    )
     table.print()
     ok = not table.failed
     print("PASS" if ok else f"FAIL: {', '.join(table.failed)}")
     if args.json:
-        args.json.write_text(json.dumps({"fixture": str(folder), "ok": ok, **info, "rows": table.rows}, indent=1,
-                                        default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x)))
+        args.json.write_text(
+            json.dumps(
+                {"fixture": str(folder), "ok": ok, **info, "rows": table.rows},
+                indent=1,
+                default=lambda x: None if isinstance(x, float) and math.isnan(x) else str(x),
+            )
+        )
     return 0 if ok else 1
 
 

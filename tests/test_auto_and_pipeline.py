@@ -28,7 +28,9 @@ VARIANT = "d1_r50slim_small"
 def converted_dir(tmp_path_factory):
     """The d1 fixture's official weights converted and saved with their processor, as a user's Hub repo would be."""
     folder = tmp_path_factory.mktemp("fastinst-d1-slim")
-    model = convert_checkpoint(FIXTURES / VARIANT / "model_state_dict.pt", config_file=FIXTURES / VARIANT / "config.yaml")
+    model = convert_checkpoint(
+        FIXTURES / VARIANT / "model_state_dict.pt", config_file=FIXTURES / VARIANT / "config.yaml"
+    )
     save_converted(model, folder)
     return folder
 
@@ -60,8 +62,12 @@ def test_saved_folder_carries_code_and_auto_map(converted_dir):
         "pil": "image_processing_pil_fastinst.FastInstImageProcessorPil",
     }
     for name in (
-        "configuration_fastinst.py", "modeling_fastinst.py", "loss_fastinst.py", "modeling_fastinst_resnet_vd.py",
-        "image_processing_fastinst.py", "image_processing_pil_fastinst.py",
+        "configuration_fastinst.py",
+        "modeling_fastinst.py",
+        "loss_fastinst.py",
+        "modeling_fastinst_resnet_vd.py",
+        "image_processing_fastinst.py",
+        "image_processing_pil_fastinst.py",
     ):
         assert (converted_dir / name).is_file(), name
 

@@ -32,9 +32,18 @@ def tiny_model_dir(tmp_path_factory) -> Path:
         out_features=["stage2", "stage3", "stage4"],
     )
     config = FastInstConfig(
-        backbone_config=backbone, hidden_dim=32, pixel_decoder_channels=32, mask_dim=32, group_norm_groups=8,
-        num_queries=10, num_attention_heads=4, dim_feedforward=64, decoder_layers=1,
-        test_shortest_edge=64, test_longest_edge=96, id2label={0: "circle", 1: "square"},
+        backbone_config=backbone,
+        hidden_dim=32,
+        pixel_decoder_channels=32,
+        mask_dim=32,
+        group_norm_groups=8,
+        num_queries=10,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        decoder_layers=1,
+        test_shortest_edge=64,
+        test_longest_edge=96,
+        id2label={0: "circle", 1: "square"},
     )
     return save_converted(FastInstForInstanceSegmentation(config), tmp_path_factory.mktemp("tiny") / "model")
 
@@ -177,8 +186,22 @@ def test_overlay_draws_fill_contour_and_tag():
 
 def test_evaluate_prints_the_ap_table(tiny_model_dir, tmp_path, capsys):
     coco_json = make_shapes_dataset(tmp_path / "data", num_images=2, image_size=(64, 64), num_classes=2, seed=3)
-    assert main(["evaluate", "--model", str(tiny_model_dir), "--coco-json", str(coco_json),
-                 "--images", str(tmp_path / "data" / "images"), "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "evaluate",
+                "--model",
+                str(tiny_model_dir),
+                "--coco-json",
+                str(coco_json),
+                "--images",
+                str(tmp_path / "data" / "images"),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     stdout = capsys.readouterr().out
     assert "AP50" in stdout and "ms/img" in stdout and "2 images" in stdout
     assert main(["evaluate", "--coco-json", str(tmp_path / "nope.json"), "--images", str(tmp_path)]) == 2
@@ -191,8 +214,20 @@ def test_convert_is_forwarded(tmp_path, capsys):
     assert main([*argv, "--output-dir", str(out)]) == 0
     assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
     assert "converted" in capsys.readouterr().out
-    assert main(["convert", "--checkpoint", str(tmp_path / "nope.pth"), "--variant", "fastinst-d1-r50",
-                 "--output-dir", str(out)]) == 2
+    assert (
+        main(
+            [
+                "convert",
+                "--checkpoint",
+                str(tmp_path / "nope.pth"),
+                "--variant",
+                "fastinst-d1-r50",
+                "--output-dir",
+                str(out),
+            ]
+        )
+        == 2
+    )
 
 
 def test_train_is_forwarded(monkeypatch):

@@ -68,7 +68,12 @@ def test_upstream_config_file_with_base(tmp_path):
 
 def test_fixture_config_dump_is_read_as_is():
     config = config_from_detectron2(D3 / "config.yaml")
-    assert (config.decoder_layers, config.hidden_dim, config.num_attention_heads, config.dim_feedforward) == (3, 64, 4, 128)
+    assert (config.decoder_layers, config.hidden_dim, config.num_attention_heads, config.dim_feedforward) == (
+        3,
+        64,
+        4,
+        128,
+    )
     assert config.backbone_config.embedding_size == 16 and config.backbone_config.hidden_sizes == [64, 128, 256, 512]
     assert (config.test_shortest_edge, config.test_longest_edge) == (256, 400)
 
@@ -122,7 +127,9 @@ def test_bad_files_get_clear_errors(tmp_path):
 
 
 def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
-    code = main(["--checkpoint", str(tmp_path / "x.pth"), "--variant", "fastinst-d1-r50", "--output-dir", str(tmp_path)])
+    code = main(
+        ["--checkpoint", str(tmp_path / "x.pth"), "--variant", "fastinst-d1-r50", "--output-dir", str(tmp_path)]
+    )
     assert code == 2 and "checkpoint not found" in capsys.readouterr().err
 
 

@@ -69,14 +69,35 @@ def coco_dir(tmp_path):
         ],
         "categories": [{"id": 9, "name": "nine"}, {"id": 5, "name": "five"}],
         "annotations": [
-            {"id": 11, "image_id": 1, "category_id": 9, "iscrowd": 0, "bbox": [2, 3, 8, 5],
-             "segmentation": [[2, 3, 10, 3, 10, 8, 2, 8]]},
-            {"id": 12, "image_id": 1, "category_id": 5, "iscrowd": 0,
-             "segmentation": _compressed_rle(_rect(0, 5, 20, 30))},
-            {"id": 13, "image_id": 1, "category_id": 9, "iscrowd": 0,
-             "segmentation": _uncompressed_rle(_rect(10, 20, 0, 4))},
-            {"id": 14, "image_id": 1, "category_id": 5, "iscrowd": 1,
-             "segmentation": _uncompressed_rle(_rect(12, 18, 10, 20))},
+            {
+                "id": 11,
+                "image_id": 1,
+                "category_id": 9,
+                "iscrowd": 0,
+                "bbox": [2, 3, 8, 5],
+                "segmentation": [[2, 3, 10, 3, 10, 8, 2, 8]],
+            },
+            {
+                "id": 12,
+                "image_id": 1,
+                "category_id": 5,
+                "iscrowd": 0,
+                "segmentation": _compressed_rle(_rect(0, 5, 20, 30)),
+            },
+            {
+                "id": 13,
+                "image_id": 1,
+                "category_id": 9,
+                "iscrowd": 0,
+                "segmentation": _uncompressed_rle(_rect(10, 20, 0, 4)),
+            },
+            {
+                "id": 14,
+                "image_id": 1,
+                "category_id": 5,
+                "iscrowd": 1,
+                "segmentation": _uncompressed_rle(_rect(12, 18, 10, 20)),
+            },
         ],
     }
     path = tmp_path / "instances.json"

@@ -34,11 +34,13 @@ def _predictions(per_image, shift=0, keep_every=1, seed=0):
         objects = objects[::keep_every]
         masks = np.stack([np.roll(m, shift, axis=1) for m, _ in objects]) if objects else np.zeros((0, 48, 64), bool)
         ids.append(image_id)
-        preds.append({
-            "masks": torch.from_numpy(masks),
-            "labels": torch.tensor([label for _, label in objects], dtype=torch.long),
-            "scores": torch.from_numpy(rng.uniform(0.5, 1.0, len(objects))),
-        })
+        preds.append(
+            {
+                "masks": torch.from_numpy(masks),
+                "labels": torch.tensor([label for _, label in objects], dtype=torch.long),
+                "scores": torch.from_numpy(rng.uniform(0.5, 1.0, len(objects))),
+            }
+        )
     return ids, preds
 
 
@@ -72,7 +74,9 @@ def test_empty_predictions_and_bad_inputs(gt):
     with pytest.raises(ValueError, match="image id 999"):
         _evaluate(path, label_map, [999], [empty])
     wrong_size = {
-        "masks": torch.ones(1, 10, 10, dtype=torch.bool), "labels": torch.tensor([0]), "scores": torch.tensor([1.0])
+        "masks": torch.ones(1, 10, 10, dtype=torch.bool),
+        "labels": torch.tensor([0]),
+        "scores": torch.tensor([1.0]),
     }
     with pytest.raises(ValueError, match="original size"):
         _evaluate(path, label_map, ids[:1], [wrong_size])

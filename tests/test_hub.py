@@ -28,8 +28,10 @@ def fake_hub(monkeypatch):
             files[operation.path_in_repo] = content if isinstance(content, bytes) else open(content, "rb").read()
         calls["commits"].append({"repo_id": repo_id, "files": files, "message": commit_message})
         return huggingface_hub.CommitInfo(
-            commit_url=f"https://huggingface.co/{repo_id}/commit/0", commit_message=commit_message,
-            commit_description="", oid="0" * 40,
+            commit_url=f"https://huggingface.co/{repo_id}/commit/0",
+            commit_message=commit_message,
+            commit_description="",
+            oid="0" * 40,
         )
 
     monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
@@ -38,7 +40,12 @@ def fake_hub(monkeypatch):
 
 
 def test_model_card_for_an_official_variant():
-    card = render_model_card(FastInstConfig.from_variant("fastinst-d3-r50-vd-dcn"), "me/fastinst-d3", variant="fastinst-d3-r50-vd-dcn", num_values=34_800_000)
+    card = render_model_card(
+        FastInstConfig.from_variant("fastinst-d3-r50-vd-dcn"),
+        "me/fastinst-d3",
+        variant="fastinst-d3-r50-vd-dcn",
+        num_values=34_800_000,
+    )
     assert card.startswith("---\nlibrary_name: transformers\nlicense: mit\npipeline_tag: image-segmentation")
     assert "fastinst_R50-vd-dcn_ppm-fpn_x3_640_40.1.pth" in card and "40.1" in card
     assert "deformable convolutions in res4, res5" in card and "34.80M" in card
@@ -48,23 +55,41 @@ def test_model_card_for_an_official_variant():
 
 def test_converter_push_to_hub_sends_one_complete_commit(tmp_path, fake_hub):
     variant = FIXTURES / "d1_r50slim_small"
-    code = convert_main([
-        "--checkpoint", str(variant / "model_state_dict.pt"), "--config", str(variant / "config.yaml"),
-        "--output-dir", str(tmp_path / "out"), "--push-to-hub", "someone/fastinst-slim",
-    ])
+    code = convert_main(
+        [
+            "--checkpoint",
+            str(variant / "model_state_dict.pt"),
+            "--config",
+            str(variant / "config.yaml"),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--push-to-hub",
+            "someone/fastinst-slim",
+        ]
+    )
     assert code == 0
     assert fake_hub["repos"] == ["someone/fastinst-slim"]
     (commit,) = fake_hub["commits"]
     files = commit["files"]
-    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md",
-                 "modeling_fastinst.py", "configuration_fastinst.py", "image_processing_fastinst.py"):
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "preprocessor_config.json",
+        "README.md",
+        "modeling_fastinst.py",
+        "configuration_fastinst.py",
+        "image_processing_fastinst.py",
+    ):
         assert name in files, name
     assert b"someone/fastinst-slim" in files["README.md"]
     metadata = huggingface_hub.ModelCard(files["README.md"].decode()).data
     assert metadata.license == "mit" and metadata.pipeline_tag == "image-segmentation"
     # The pushed weights are the converted ones.
     from safetensors.torch import load
+
     pushed = load(files["model.safetensors"])
-    assert torch.equal(pushed["model.position_embedding"], torch.load(
-        variant / "model_state_dict.pt", weights_only=True)["sem_seg_head.predictor.meta_pos_embed"])
+    assert torch.equal(
+        pushed["model.position_embedding"],
+        torch.load(variant / "model_state_dict.pt", weights_only=True)["sem_seg_head.predictor.meta_pos_embed"],
+    )
     assert (tmp_path / "out" / "README.md").read_text() == files["README.md"].decode()

@@ -339,6 +339,7 @@ def test_save_and_load_round_trip(processor_class, tmp_path):
     processor = processor_class(size={"shortest_edge": 576, "longest_edge": 777}, num_detections=50)
     processor.save_pretrained(tmp_path)
     loaded = processor_class.from_pretrained(tmp_path)
+
     # auto_map names the remote-code classes: the saved file lists both backends (checked in the Auto tests).
     def settings(p):
         return {k: v for k, v in p.to_dict().items() if k != "auto_map"}

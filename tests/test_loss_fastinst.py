@@ -107,7 +107,10 @@ def test_loss_parity(variant, monkeypatch):
     remaining = replay_rand(monkeypatch, fixture["torch_rand_calls"][1:])
 
     losses = loss_fn(
-        fixture_predictions(fixture), outputs["proposal_cls_logits"], outputs["query_locations"], mask_labels,
+        fixture_predictions(fixture),
+        outputs["proposal_cls_logits"],
+        outputs["query_locations"],
+        mask_labels,
         class_labels,
     )
 
@@ -131,7 +134,10 @@ def test_without_auxiliary_loss(monkeypatch):
     # Draws: final matcher, final mask losses (the aux sets are skipped).
     remaining = replay_rand(monkeypatch, fixture["torch_rand_calls"][1:4])
     losses = FastInstLoss(make_config(use_auxiliary_loss=False))(
-        fixture_predictions(fixture), outputs["proposal_cls_logits"], outputs["query_locations"], mask_labels,
+        fixture_predictions(fixture),
+        outputs["proposal_cls_logits"],
+        outputs["query_locations"],
+        mask_labels,
         class_labels,
     )
     assert not remaining
@@ -214,7 +220,11 @@ def test_image_without_targets():
     predictions, proposal_logits, query_locations, mask_labels, class_labels = random_inputs([0])
     loss_fn = small_loss()
     indices = loss_fn.matcher(
-        predictions[-1]["class_queries_logits"], predictions[-1]["masks_queries_logits"], query_locations, mask_labels, class_labels
+        predictions[-1]["class_queries_logits"],
+        predictions[-1]["masks_queries_logits"],
+        query_locations,
+        mask_labels,
+        class_labels,
     )
     assert [tuple(t.shape) for t in indices[0]] == [(0,), (0,)]
     proposal_indices = loss_fn.proposal_matcher(proposal_logits, mask_labels, class_labels)
@@ -234,7 +244,11 @@ def test_batch_with_different_target_counts():
     loss_fn = small_loss()
     for indices in (
         loss_fn.matcher(
-            predictions[0]["class_queries_logits"], predictions[0]["masks_queries_logits"], query_locations, mask_labels, class_labels
+            predictions[0]["class_queries_logits"],
+            predictions[0]["masks_queries_logits"],
+            query_locations,
+            mask_labels,
+            class_labels,
         ),
         loss_fn.proposal_matcher(proposal_logits, mask_labels, class_labels),
     ):
@@ -244,13 +258,14 @@ def test_batch_with_different_target_counts():
     assert all(torch.isfinite(value) and value > 0 for value in losses.values())
 
 
-
 def test_gradients_flow():
     inputs = random_inputs([2, 0], requires_grad=True)
     predictions, proposal_logits, query_locations, mask_labels, class_labels = inputs
     losses = small_loss()(predictions, proposal_logits, query_locations, mask_labels, class_labels)
     sum(losses.values()).backward()
-    for tensor in [proposal_logits] + [p[key] for p in predictions for key in ("class_queries_logits", "masks_queries_logits")]:
+    for tensor in [proposal_logits] + [
+        p[key] for p in predictions for key in ("class_queries_logits", "masks_queries_logits")
+    ]:
         assert tensor.grad is not None and torch.isfinite(tensor.grad).all() and tensor.grad.abs().sum() > 0
 
 
@@ -269,7 +284,10 @@ def test_invalid_inputs():
         loss_fn(predictions, proposal_logits, query_locations, mixed_sizes, class_labels)
     with pytest.raises(ValueError, match="query_locations"):
         loss_fn.matcher(
-            predictions[0]["class_queries_logits"], predictions[0]["masks_queries_logits"], query_locations[:, :3], mask_labels,
+            predictions[0]["class_queries_logits"],
+            predictions[0]["masks_queries_logits"],
+            query_locations[:, :3],
+            mask_labels,
             class_labels,
         )
     with pytest.raises(ValueError, match="matching_indices"):

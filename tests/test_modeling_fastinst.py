@@ -158,12 +158,24 @@ def tiny_config(**kwargs):
     from transformers import ResNetConfig
 
     backbone = ResNetConfig(
-        embedding_size=8, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
     )
     params = dict(
-        backbone_config=backbone, pixel_decoder_channels=32, hidden_dim=32, mask_dim=32, group_norm_groups=8,
-        num_attention_heads=4, dim_feedforward=64, decoder_layers=2, num_queries=20, num_auxiliary_queries=4,
-        id2label={0: "a", 1: "b", 2: "c"}, train_num_points=64,
+        backbone_config=backbone,
+        pixel_decoder_channels=32,
+        hidden_dim=32,
+        mask_dim=32,
+        group_norm_groups=8,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        decoder_layers=2,
+        num_queries=20,
+        num_auxiliary_queries=4,
+        id2label={0: "a", 1: "b", 2: "c"},
+        train_num_points=64,
     )
     params.update(kwargs)
     return FastInstConfig(**params)

@@ -234,9 +234,7 @@ def test_deform_conv_matches_grid_sample_reference_and_backward():
     conv = FastInstResNetVdDeformConv2d(4, 6, 3, stride=2, padding=1)
     torch.nn.init.normal_(conv.weight)
     output = conv(x, offset)
-    torch.testing.assert_close(
-        output, deform_conv_reference(x, conv.weight, offset, stride=2), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(output, deform_conv_reference(x, conv.weight, offset, stride=2), rtol=1e-5, atol=1e-5)
 
     output.square().sum().backward()
     for grad in (x.grad, conv.weight.grad, offset.grad):
@@ -281,8 +279,13 @@ def reference_backbone(state, x, config, plain_conv2=False):
 
     def bn(h, name):
         return F.batch_norm(
-            h, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
-            state[f"{name}.bias"], training=False, eps=1e-5,
+            h,
+            state[f"{name}.running_mean"],
+            state[f"{name}.running_var"],
+            state[f"{name}.weight"],
+            state[f"{name}.bias"],
+            training=False,
+            eps=1e-5,
         )
 
     h = F.relu(bn(F.conv2d(x, state["conv1.0.weight"], stride=2, padding=1), "conv1.1"))

@@ -283,8 +283,18 @@ def run_evaluate(args: argparse.Namespace) -> int:
     model_dir = resolve_model(args.model)
     return evaluate_model.main(
         [
-            "--model", str(model_dir), "--coco-json", args.coco_json, "--images", args.images,
-            "--threshold", str(args.threshold), "--device", args.device, "--batch-size", str(args.batch_size),
+            "--model",
+            str(model_dir),
+            "--coco-json",
+            args.coco_json,
+            "--images",
+            args.images,
+            "--threshold",
+            str(args.threshold),
+            "--device",
+            args.device,
+            "--batch-size",
+            str(args.batch_size),
         ]
     )
 

@@ -126,7 +126,9 @@ def config_from_detectron2(path: str | Path) -> FastInstConfig:
             unsupported("MODEL.RESNETS.DEPTH", "50 with build_resnet_vd_backbone")
         if cfg["MODEL.RESNETS.DEFORM_MODULATED"]:
             unsupported("MODEL.RESNETS.DEFORM_MODULATED", "False (DCNv1)")
-        backbone_config = FastInstResNetVdConfig(deformable_stages=deformable, out_features=["stage2", "stage3", "stage4"])
+        backbone_config = FastInstResNetVdConfig(
+            deformable_stages=deformable, out_features=["stage2", "stage3", "stage4"]
+        )
     elif backbone_name == "build_resnet_backbone":
         if any(deformable):
             unsupported("MODEL.RESNETS.DEFORM_ON_PER_STAGE", "all False with build_resnet_backbone")
@@ -198,21 +200,45 @@ _KEY_RULES = [
     # detectron2 ResNet (R50 / R101) -> transformers ResNetBackbone
     (r"backbone\.stem\.conv1\.weight", r"model.backbone.embedder.embedder.convolution.weight"),
     (r"backbone\.stem\.conv1\.norm\.(\w+)", r"model.backbone.embedder.embedder.normalization.\1"),
-    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight", lambda m: (
-        f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution.weight")),
-    (r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)", lambda m: (
-        f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization.{m[4]}")),
-    (r"backbone\.res(\d)\.(\d+)\.shortcut\.weight", lambda m: (
-        f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.shortcut.convolution.weight")),
-    (r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)", lambda m: (
-        f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.shortcut.normalization.{m[3]}")),
+    (
+        r"backbone\.res(\d)\.(\d+)\.conv(\d)\.weight",
+        lambda m: (
+            f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution.weight"
+        ),
+    ),
+    (
+        r"backbone\.res(\d)\.(\d+)\.conv(\d)\.norm\.(\w+)",
+        lambda m: (
+            f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization.{m[4]}"
+        ),
+    ),
+    (
+        r"backbone\.res(\d)\.(\d+)\.shortcut\.weight",
+        lambda m: f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.shortcut.convolution.weight",
+    ),
+    (
+        r"backbone\.res(\d)\.(\d+)\.shortcut\.norm\.(\w+)",
+        lambda m: f"model.backbone.encoder.stages.{int(m[1]) - 2}.layers.{m[2]}.shortcut.normalization.{m[3]}",
+    ),
     # ResNet-vd-DCN keeps the official (timm) names
     (r"backbone\.((?:conv1|bn1|layer\d)\..+)", r"model.backbone.\1"),
     # PPM-FPN pixel decoder
-    (r"sem_seg_head\.pixel_decoder\.adapter_(\d)\.weight", lambda m: f"model.pixel_decoder.lateral_convs.{int(m[1]) - 1}.conv.weight"),
-    (r"sem_seg_head\.pixel_decoder\.adapter_(\d)\.norm\.(\w+)", lambda m: f"model.pixel_decoder.lateral_convs.{int(m[1]) - 1}.norm.{m[2]}"),
-    (r"sem_seg_head\.pixel_decoder\.layer_(\d)\.weight", lambda m: f"model.pixel_decoder.output_convs.{int(m[1]) - 1}.conv.weight"),
-    (r"sem_seg_head\.pixel_decoder\.layer_(\d)\.norm\.(\w+)", lambda m: f"model.pixel_decoder.output_convs.{int(m[1]) - 1}.norm.{m[2]}"),
+    (
+        r"sem_seg_head\.pixel_decoder\.adapter_(\d)\.weight",
+        lambda m: f"model.pixel_decoder.lateral_convs.{int(m[1]) - 1}.conv.weight",
+    ),
+    (
+        r"sem_seg_head\.pixel_decoder\.adapter_(\d)\.norm\.(\w+)",
+        lambda m: f"model.pixel_decoder.lateral_convs.{int(m[1]) - 1}.norm.{m[2]}",
+    ),
+    (
+        r"sem_seg_head\.pixel_decoder\.layer_(\d)\.weight",
+        lambda m: f"model.pixel_decoder.output_convs.{int(m[1]) - 1}.conv.weight",
+    ),
+    (
+        r"sem_seg_head\.pixel_decoder\.layer_(\d)\.norm\.(\w+)",
+        lambda m: f"model.pixel_decoder.output_convs.{int(m[1]) - 1}.norm.{m[2]}",
+    ),
     (r"sem_seg_head\.pixel_decoder\.ppm\.stages\.(\d+)\.1\.(\w+)", r"model.pixel_decoder.ppm.stages.\1.conv.\2"),
     (r"sem_seg_head\.pixel_decoder\.ppm\.bottleneck\.(\w+)", r"model.pixel_decoder.ppm.bottleneck.\1"),
     # positional embedding, query proposal and auxiliary queries
@@ -222,20 +248,56 @@ _KEY_RULES = [
     (_PREDICTOR + r"query_proposal\.conv_proposal_cls_logits\.0\.(\w+)", r"model.query_proposal.conv.\1"),
     (_PREDICTOR + r"query_proposal\.conv_proposal_cls_logits\.2\.(\w+)", r"model.query_proposal.classifier.\1"),
     # dual-path decoder layers
-    (_PREDICTOR + r"transformer_mask_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)", r"model.decoder.layers.\1.pixel_cross_attention.attention.\2"),
-    (_PREDICTOR + r"transformer_mask_cross_attention_layers\.(\d+)\.norm\.(\w+)", r"model.decoder.layers.\1.pixel_cross_attention.norm.\2"),
-    (_PREDICTOR + r"transformer_mask_ffn_layers\.(\d+)\.linear(\d)\.(\w+)", r"model.decoder.layers.\1.pixel_feed_forward.fc\2.\3"),
-    (_PREDICTOR + r"transformer_mask_ffn_layers\.(\d+)\.norm\.(\w+)", r"model.decoder.layers.\1.pixel_feed_forward.norm.\2"),
-    (_PREDICTOR + r"transformer_query_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)", r"model.decoder.layers.\1.query_cross_attention.attention.\2"),
-    (_PREDICTOR + r"transformer_query_cross_attention_layers\.(\d+)\.norm\.(\w+)", r"model.decoder.layers.\1.query_cross_attention.norm.\2"),
-    (_PREDICTOR + r"transformer_query_self_attention_layers\.(\d+)\.self_attn\.(.+)", r"model.decoder.layers.\1.query_self_attention.attention.\2"),
-    (_PREDICTOR + r"transformer_query_self_attention_layers\.(\d+)\.norm\.(\w+)", r"model.decoder.layers.\1.query_self_attention.norm.\2"),
-    (_PREDICTOR + r"transformer_query_ffn_layers\.(\d+)\.linear(\d)\.(\w+)", r"model.decoder.layers.\1.query_feed_forward.fc\2.\3"),
-    (_PREDICTOR + r"transformer_query_ffn_layers\.(\d+)\.norm\.(\w+)", r"model.decoder.layers.\1.query_feed_forward.norm.\2"),
+    (
+        _PREDICTOR + r"transformer_mask_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)",
+        r"model.decoder.layers.\1.pixel_cross_attention.attention.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_mask_cross_attention_layers\.(\d+)\.norm\.(\w+)",
+        r"model.decoder.layers.\1.pixel_cross_attention.norm.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_mask_ffn_layers\.(\d+)\.linear(\d)\.(\w+)",
+        r"model.decoder.layers.\1.pixel_feed_forward.fc\2.\3",
+    ),
+    (
+        _PREDICTOR + r"transformer_mask_ffn_layers\.(\d+)\.norm\.(\w+)",
+        r"model.decoder.layers.\1.pixel_feed_forward.norm.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_cross_attention_layers\.(\d+)\.multihead_attn\.(.+)",
+        r"model.decoder.layers.\1.query_cross_attention.attention.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_cross_attention_layers\.(\d+)\.norm\.(\w+)",
+        r"model.decoder.layers.\1.query_cross_attention.norm.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_self_attention_layers\.(\d+)\.self_attn\.(.+)",
+        r"model.decoder.layers.\1.query_self_attention.attention.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_self_attention_layers\.(\d+)\.norm\.(\w+)",
+        r"model.decoder.layers.\1.query_self_attention.norm.\2",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_ffn_layers\.(\d+)\.linear(\d)\.(\w+)",
+        r"model.decoder.layers.\1.query_feed_forward.fc\2.\3",
+    ),
+    (
+        _PREDICTOR + r"transformer_query_ffn_layers\.(\d+)\.norm\.(\w+)",
+        r"model.decoder.layers.\1.query_feed_forward.norm.\2",
+    ),
     # prediction heads
     (_PREDICTOR + r"decoder_query_norm_layers\.(\d+)\.(\w+)", r"model.decoder.prediction_heads.\1.query_norm.\2"),
-    (_PREDICTOR + r"class_embed_layers\.(\d+)\.layers\.(\d)\.(\w+)", r"model.decoder.prediction_heads.\1.class_predictor.layers.\2.\3"),
-    (_PREDICTOR + r"mask_embed_layers\.(\d+)\.layers\.(\d)\.(\w+)", r"model.decoder.prediction_heads.\1.mask_embedder.layers.\2.\3"),
+    (
+        _PREDICTOR + r"class_embed_layers\.(\d+)\.layers\.(\d)\.(\w+)",
+        r"model.decoder.prediction_heads.\1.class_predictor.layers.\2.\3",
+    ),
+    (
+        _PREDICTOR + r"mask_embed_layers\.(\d+)\.layers\.(\d)\.(\w+)",
+        r"model.decoder.prediction_heads.\1.mask_embedder.layers.\2.\3",
+    ),
     (_PREDICTOR + r"mask_features_layers\.(\d+)\.(\w+)", r"model.decoder.prediction_heads.\1.pixel_projection.\2"),
 ]
 _COMPILED_RULES = [(re.compile(pattern), target) for pattern, target in _KEY_RULES]
@@ -271,7 +333,9 @@ def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
         raise CheckpointConversionError(f"could not read {path} (truncated or corrupted download?): {error}") from error
     state_dict = checkpoint.get("model", checkpoint) if isinstance(checkpoint, dict) else None
     if not isinstance(state_dict, dict) or not state_dict:
-        raise CheckpointConversionError(f"{path} holds no state dict (expected a dict of tensors, or one under 'model')")
+        raise CheckpointConversionError(
+            f"{path} holds no state dict (expected a dict of tensors, or one under 'model')"
+        )
     not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointConversionError(f"{path}: these entries are not tensors: {not_tensors[:10]}")
@@ -318,9 +382,7 @@ def check_state_dict(
         if keys
     ]
     if problems:
-        raise CheckpointConversionError(
-            f"{source} does not match the model configuration:\n  " + "\n  ".join(problems)
-        )
+        raise CheckpointConversionError(f"{source} does not match the model configuration:\n  " + "\n  ".join(problems))
     return converted
 
 
@@ -359,9 +421,7 @@ def official_checkpoint_url(variant: str) -> str:
     return OFFICIAL_RELEASE_URL + VARIANTS[variant]["checkpoint"]
 
 
-def save_converted(
-    model, output_dir: str | Path, push_to_hub: str | None = None, variant: str | None = None
-) -> Path:
+def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None, variant: str | None = None) -> Path:
     """Write `model`, its image processor and a model card to `output_dir`; with `push_to_hub` (a repo id) also push
     them to the Hub. `variant` names the official release the weights come from, for the model card."""
     from .hub import push_model_to_hub, render_model_card
@@ -415,14 +475,22 @@ def main(argv=None) -> int:
 _TORCHVISION_RESNET_RULES = [
     (r"conv1\.weight", r"embedder.embedder.convolution.weight"),
     (r"bn1\.(\w+)", r"embedder.embedder.normalization.\1"),
-    (r"layer(\d)\.(\d+)\.conv(\d)\.weight", lambda m: (
-        f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution.weight")),
-    (r"layer(\d)\.(\d+)\.bn(\d)\.(\w+)", lambda m: (
-        f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization.{m[4]}")),
-    (r"layer(\d)\.(\d+)\.downsample\.0\.weight", lambda m: (
-        f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution.weight")),
-    (r"layer(\d)\.(\d+)\.downsample\.1\.(\w+)", lambda m: (
-        f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization.{m[3]}")),
+    (
+        r"layer(\d)\.(\d+)\.conv(\d)\.weight",
+        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution.weight",
+    ),
+    (
+        r"layer(\d)\.(\d+)\.bn(\d)\.(\w+)",
+        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization.{m[4]}",
+    ),
+    (
+        r"layer(\d)\.(\d+)\.downsample\.0\.weight",
+        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution.weight",
+    ),
+    (
+        r"layer(\d)\.(\d+)\.downsample\.1\.(\w+)",
+        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization.{m[3]}",
+    ),
 ]
 _TORCHVISION_COMPILED = [(re.compile(pattern), target) for pattern, target in _TORCHVISION_RESNET_RULES]
 # Classifier and BN step counters of ImageNet checkpoints have no place in a FastInst backbone.

@@ -54,9 +54,7 @@ class FastInstImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels: bool
 
 
-def get_fastinst_output_image_size(
-    height: int, width: int, shortest_edge: int, longest_edge: int
-) -> tuple[int, int]:
+def get_fastinst_output_image_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
     """
     detectron2's `ResizeShortestEdge.get_output_shape`: the short side becomes `shortest_edge` unless the long side
     would then exceed `longest_edge`, in which case the long side becomes `longest_edge`; sides are rounded with
@@ -215,7 +213,6 @@ class FastInstImageProcessingMixin:
     do_reduce_labels = False
     model_input_names = ["pixel_values", "pixel_mask"]
 
-
     def preprocess(
         self,
         images: ImageInput,
@@ -308,7 +305,15 @@ class FastInstImageProcessingMixin:
         resized_sizes = [self._resized_size(h, w, size, do_resize) for h, w in original_sizes]
         padded_size = get_padded_size(resized_sizes, size_divisor)
         pixel_values, pixel_mask = self._resize_normalize_and_pad(
-            images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+            images,
+            resized_sizes,
+            padded_size,
+            resample,
+            do_rescale,
+            rescale_factor,
+            do_normalize,
+            image_mean,
+            image_std,
         )
         encoded = BatchFeature(
             data={"pixel_values": pixel_values, "pixel_mask": pixel_mask}, tensor_type=return_tensors
@@ -623,7 +628,16 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
         return image_mean, image_std, do_rescale
 
     def _resize_normalize_and_pad(
-        self, images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+        self,
+        images,
+        resized_sizes,
+        padded_size,
+        resample,
+        do_rescale,
+        rescale_factor,
+        do_normalize,
+        image_mean,
+        image_std,
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         pixel_values, pixel_mask = [], []
         for image, resized_size in zip(images, resized_sizes):

@@ -29,13 +29,21 @@ class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
             resized = np.asarray(pil_image.resize(new_size, resample))
             return resized[None] if resized.ndim == 2 else np.moveaxis(resized, -1, 0)
         channels = [
-            np.asarray(PIL.Image.fromarray(channel.astype(np.float32)).resize(new_size, resample))
-            for channel in image
+            np.asarray(PIL.Image.fromarray(channel.astype(np.float32)).resize(new_size, resample)) for channel in image
         ]
         return np.stack(channels)
 
     def _resize_normalize_and_pad(
-        self, images, resized_sizes, padded_size, resample, do_rescale, rescale_factor, do_normalize, image_mean, image_std
+        self,
+        images,
+        resized_sizes,
+        padded_size,
+        resample,
+        do_rescale,
+        rescale_factor,
+        do_normalize,
+        image_mean,
+        image_std,
     ) -> tuple[list[np.ndarray], list[np.ndarray]]:
         # Fuse rescale and normalisation into one float32 `(x - mean) / std` on 0-255 values, as upstream computes.
         scale = rescale_factor if do_rescale else 1.0

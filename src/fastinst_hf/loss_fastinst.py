@@ -275,9 +275,7 @@ def build_gt_attention_mask(
         `mask.unsqueeze(1).repeat(1, num_heads, 1, 1).flatten(0, 1)`. A bool tensor, so it carries no gradient.
     """
     if len(matching_indices) != len(mask_labels):
-        raise ValueError(
-            f"got {len(matching_indices)} matching_indices entries for {len(mask_labels)} images"
-        )
+        raise ValueError(f"got {len(matching_indices)} matching_indices entries for {len(mask_labels)} images")
     device = mask_labels[0].device
     attn_mask = torch.zeros(len(mask_labels), num_queries_total, *size, dtype=torch.bool, device=device)
     for b, (query_idx, target_idx) in enumerate(matching_indices):
@@ -342,9 +340,9 @@ class FastInstLoss(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """Point-sampled BCE and dice of the matched [B, Q, h, w] mask logits against their GT masks."""
         pred_masks = mask_logits[_prediction_index(indices, mask_logits.device)][:, None]
-        target_masks = torch.cat(
-            [masks[tgt.to(masks.device)] for masks, (_, tgt) in zip(mask_labels, indices)]
-        ).to(pred_masks)[:, None]
+        target_masks = torch.cat([masks[tgt.to(masks.device)] for masks, (_, tgt) in zip(mask_labels, indices)]).to(
+            pred_masks
+        )[:, None]
         with torch.no_grad():
             point_coords = sample_uncertain_points(
                 pred_masks, self.num_points, self.oversample_ratio, self.importance_sample_ratio
@@ -362,9 +360,9 @@ class FastInstLoss(nn.Module):
         target_classes = torch.full(
             (logits.shape[0], logits.shape[2]), self.num_labels, dtype=torch.int64, device=logits.device
         )
-        target_classes[_prediction_index(indices, logits.device)] = _matched_target_classes(
-            indices, class_labels
-        ).to(logits.device)
+        target_classes[_prediction_index(indices, logits.device)] = _matched_target_classes(indices, class_labels).to(
+            logits.device
+        )
         return F.cross_entropy(logits, target_classes)
 
     @staticmethod

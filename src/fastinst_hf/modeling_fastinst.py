@@ -479,9 +479,7 @@ class FastInstDecoder(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_auxiliary_queries = config.num_auxiliary_queries
         self.layers = nn.ModuleList(FastInstDualPathDecoderLayer(config) for _ in range(config.decoder_layers))
-        self.prediction_heads = nn.ModuleList(
-            FastInstPredictionHead(config) for _ in range(config.decoder_layers + 1)
-        )
+        self.prediction_heads = nn.ModuleList(FastInstPredictionHead(config) for _ in range(config.decoder_layers + 1))
 
     def attention_mask(self, mask_logits: Tensor) -> Tensor:
         return attention_mask_from_masks(mask_logits, self.num_auxiliary_queries, self.num_heads)
@@ -498,7 +496,9 @@ class FastInstDecoder(nn.Module):
         """Runs every layer. Returns per head (initial + one per layer) the class logits (None for the earlier heads
         unless `predict_all_classes`) and mask logits, and the queries and pixels before and after each layer."""
         last_head = len(self.prediction_heads) - 1
-        predictions = [self.prediction_heads[0](query_states, pixel_states, size, predict_all_classes or last_head == 0)]
+        predictions = [
+            self.prediction_heads[0](query_states, pixel_states, size, predict_all_classes or last_head == 0)
+        ]
         all_query_states, all_pixel_states = [query_states], [pixel_states]
         for index, layer in enumerate(self.layers):
             query_states, pixel_states = layer(
@@ -729,7 +729,11 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         decoder = self.model.decoder
         mask_size = tuple(outputs.masks_queries_logits.shape[-2:])
         matching_indices = self.criterion.matcher(
-            outputs.class_queries_logits, outputs.masks_queries_logits, outputs.query_locations, mask_labels, class_labels
+            outputs.class_queries_logits,
+            outputs.masks_queries_logits,
+            outputs.query_locations,
+            mask_labels,
+            class_labels,
         )
         gt_attention_mask = build_gt_attention_mask(
             matching_indices,

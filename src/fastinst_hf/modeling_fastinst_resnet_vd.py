@@ -89,9 +89,7 @@ class FastInstResNetVdBottleneck(nn.Module):
 
         if stride != 1 or in_channels != out_channels:
             # ResNet-D shortcut: average-pool first so that the 1x1 projection sees every input pixel.
-            pool = (
-                nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
-            )
+            pool = nn.AvgPool2d(2, stride, ceil_mode=True, count_include_pad=False) if stride != 1 else nn.Identity()
             self.downsample = nn.Sequential(
                 pool,
                 nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=False),

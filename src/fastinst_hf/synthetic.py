@@ -24,8 +24,16 @@ from .io_utils import atomic_write_bytes
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
 # Base colours of the classes (RGB); class k draws shape SHAPE_KINDS[k % 3] in colour _PALETTE[k].
 _PALETTE = (
-    (220, 60, 60), (60, 180, 75), (70, 110, 230), (240, 200, 40), (170, 80, 200),
-    (40, 200, 200), (250, 140, 30), (150, 150, 150), (120, 60, 20), (255, 120, 200),
+    (220, 60, 60),
+    (60, 180, 75),
+    (70, 110, 230),
+    (240, 200, 40),
+    (170, 80, 200),
+    (40, 200, 200),
+    (250, 140, 30),
+    (150, 150, 150),
+    (120, 60, 20),
+    (255, 120, 200),
 )
 # Files inside the stardist wheel (0.9.2): a 512x512 uint16 DSB-2018 fluorescence image and its labels.
 STARDIST_IMAGE_MEMBER = "stardist/data/images/img2d.tif"
@@ -287,4 +295,3 @@ def make_nuclei_dataset(
     train = _tile_coco(rgb, labels, (0, split_x), tile, min_area, image_dir, "train")
     val = _tile_coco(rgb, labels, (split_x, width), tile, min_area, image_dir, "val")
     return write_coco_json(out_dir / "train.json", train), write_coco_json(out_dir / "val.json", val)
-

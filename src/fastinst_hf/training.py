@@ -65,15 +65,26 @@ UPSTREAM_LR_STEPS = (round(327_778 / 368_750, 3), round(355_092 / 368_750, 3))  
 REFERENCE_TOTAL_BATCH = 16
 # detectron2's norm_module_types: their parameters get WEIGHT_DECAY_NORM = 0.
 NORM_TYPES = (
-    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
-    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LayerNorm, nn.LocalResponseNorm,
+    nn.BatchNorm1d,
+    nn.BatchNorm2d,
+    nn.BatchNorm3d,
+    nn.SyncBatchNorm,
+    nn.GroupNorm,
+    nn.InstanceNorm1d,
+    nn.InstanceNorm2d,
+    nn.InstanceNorm3d,
+    nn.LayerNorm,
+    nn.LocalResponseNorm,
 )
 # The class-dependent layers, re-initialised when the label set changes.
 CLASS_HEAD_KEY_PARTS = ("class_predictor.layers.2.", "query_proposal.classifier.")
 MAIN_LOSS_TERMS = ("loss_ce", "loss_mask", "loss_dice", "loss_proposal")
 CSV_COLUMNS = (
-    ("step", "epoch", "loss") + MAIN_LOSS_TERMS + ("loss_aux", "lr", "lr_backbone", "steps_per_s", "elapsed_s")
-    + METRIC_NAMES + ("ms_per_image",)
+    ("step", "epoch", "loss")
+    + MAIN_LOSS_TERMS
+    + ("loss_aux", "lr", "lr_backbone", "steps_per_s", "elapsed_s")
+    + METRIC_NAMES
+    + ("ms_per_image",)
 )
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -125,9 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--batch-size", type=int, default=4, help="images per process per micro-batch")
     optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
     optim.add_argument("--lr", type=float, default=1e-4, help="base lr (upstream: 1e-4 at a total batch of 16)")
-    optim.add_argument(
-        "--scale-lr", action="store_true", help="linear scaling rule: lr = --lr x total_batch / 16"
-    )
+    optim.add_argument("--scale-lr", action="store_true", help="linear scaling rule: lr = --lr x total_batch / 16")
     optim.add_argument("--weight-decay", type=float, default=0.05)
     optim.add_argument("--backbone-lr-mult", type=float, default=0.1)
     optim.add_argument("--max-steps", type=int, default=UPSTREAM_MAX_STEPS, help="optimiser steps")
@@ -242,9 +251,7 @@ def _labels_of(config: FastInstConfig) -> dict[int, str]:
     return {int(k): v for k, v in config.id2label.items()}
 
 
-def build_model(
-    init: str, overrides: dict, id2label: dict[int, str], log=print
-) -> FastInstForInstanceSegmentation:
+def build_model(init: str, overrides: dict, id2label: dict[int, str], log=print) -> FastInstForInstanceSegmentation:
     """The model to train, with the dataset's labels in its config.
 
     `init` is "config" or a variant name (random weights; the architecture from `FastInstConfig(**overrides)` /
@@ -254,8 +261,10 @@ def build_model(
     """
     labels = {"id2label": dict(id2label), "label2id": {name: label for label, name in id2label.items()}}
     if init == "config" or init in VARIANTS:
-        config = FastInstConfig(**overrides, **labels) if init == "config" else FastInstConfig.from_variant(
-            init, **overrides, **labels
+        config = (
+            FastInstConfig(**overrides, **labels)
+            if init == "config"
+            else FastInstConfig.from_variant(init, **overrides, **labels)
         )
         log(f"--init {init}: randomly initialised model (no pretrained weights)")
         return FastInstForInstanceSegmentation(config)
@@ -737,7 +746,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             description = (
                 f"Trained with `fastinst_hf` on `{args.train_json}` for {step} steps "
                 f"(`--init {args.init}`)."
-                + (f" COCO mask AP on `{args.val_json}`: {summary['final_eval']['AP']:.2f}." if summary["final_eval"] else "")
+                + (
+                    f" COCO mask AP on `{args.val_json}`: {summary['final_eval']['AP']:.2f}."
+                    if summary["final_eval"]
+                    else ""
+                )
             )
             card = render_model_card(unwrapped.config, args.push_to_hub, description=description)
             url = push_model_to_hub(unwrapped, processor, args.push_to_hub, model_card=card, private=args.hub_private)
