@@ -273,3 +273,88 @@ def test_official_variant_sizes(variant, expected_millions):
         model = FastInstForInstanceSegmentation(FastInstConfig.from_variant(variant))
     total = sum(t.numel() for t in model.state_dict().values())
     assert round(total / 1e6, 2) == expected_millions
+
+
+def _tiny_batch():
+    pixel_values = torch.randn(2, 3, 96, 96)
+    masks = torch.zeros(2, 96, 96)
+    masks[0, 10:30, 10:40] = 1
+    masks[1, 40:60, 5:20] = 1
+    return pixel_values, [masks, masks[:1]], [torch.tensor([0, 2]), torch.tensor([1])]
+
+
+def test_loss_in_eval_mode_and_without_deep_supervision():
+    """A validation loss (eval mode) works, and `use_auxiliary_loss=False` skips the guided branch entirely."""
+    torch.manual_seed(0)
+    pixel_values, masks, labels = _tiny_batch()
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    with torch.no_grad():
+        output = model(pixel_values, mask_labels=masks, class_labels=labels)
+    assert torch.isfinite(output.loss) and len(output.loss_dict) == 4 * 3 + 3 + 1
+    plain = FastInstForInstanceSegmentation(tiny_config(use_auxiliary_loss=False)).train()
+    output = plain(pixel_values, mask_labels=masks, class_labels=labels)
+    assert set(output.loss_dict) == {"loss_ce", "loss_mask", "loss_dice", "loss_proposal"}
+    assert len(output.auxiliary_logits) == 2 and output.auxiliary_logits[0]["class_queries_logits"] is None
+    output.loss.backward()
+
+
+@pytest.mark.parametrize("mode", ["bfloat16 weights", "bfloat16 autocast"])
+def test_half_precision_training_step(mode):
+    torch.manual_seed(0)
+    pixel_values, masks, labels = _tiny_batch()
+    model = FastInstForInstanceSegmentation(tiny_config()).train()
+    if mode == "bfloat16 weights":
+        model = model.to(torch.bfloat16)
+        output = model(pixel_values.bfloat16(), mask_labels=masks, class_labels=labels)
+    else:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            output = model(pixel_values, mask_labels=masks, class_labels=labels)
+    output.loss.backward()
+    assert torch.isfinite(output.loss)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_bad_targets_and_arguments_get_clear_errors():
+    model = FastInstForInstanceSegmentation(tiny_config()).train()
+    pixel_values, masks, labels = _tiny_batch()
+    with pytest.raises(ValueError, match=r"class_labels must lie in \[0, 3\)"):
+        model(pixel_values, mask_labels=masks, class_labels=[torch.tensor([0, 3]), torch.tensor([1])])
+    with pytest.raises(ValueError, match="integer class ids"):
+        model(pixel_values, mask_labels=masks, class_labels=[torch.tensor([0.0, 2.0]), torch.tensor([1])])
+    with pytest.raises(ValueError, match="must be binary"):
+        model(pixel_values, mask_labels=[masks[0] * 255, masks[1]], class_labels=labels)
+    with pytest.raises(ValueError, match="do not cover the same extent"):
+        model(pixel_values, mask_labels=[m[:, :90] for m in masks], class_labels=labels)
+    with pytest.raises(TypeError, match="labels"):
+        model(pixel_values, labels=labels)
+
+
+def test_image_sizes_from_pixel_mask_drive_post_processing():
+    """The processor's pixel_mask tells the model each image's unpadded size, so post-processing crops correctly
+    even when the processor ran with other settings than it was saved with."""
+    from fastinst_hf import FastInstImageProcessor
+
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    processor = FastInstImageProcessor(size={"shortest_edge": 128, "longest_edge": 200})
+    images = [
+        torch.randint(0, 256, (3, 100, 150), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 90, 60), dtype=torch.uint8),
+    ]
+    inputs = processor(images=images, size={"shortest_edge": 96, "longest_edge": 160}, return_tensors="pt")
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.image_sizes.tolist() == [[96, 144], [144, 96]]
+    results = processor.post_process_instance_segmentation(
+        outputs, threshold=0.0, target_sizes=[(100, 150), (90, 60)], return_binary_maps=True
+    )
+    explicit = processor.post_process_instance_segmentation(
+        outputs,
+        threshold=0.0,
+        target_sizes=[(100, 150), (90, 60)],
+        image_sizes=[(96, 144), (144, 96)],
+        return_binary_maps=True,
+    )
+    for ours, reference in zip(results, explicit):
+        assert ours["segmentation"].shape[-2:] == reference["segmentation"].shape[-2:]
+        assert torch.equal(ours["segmentation"], reference["segmentation"])

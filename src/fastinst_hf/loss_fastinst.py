@@ -92,10 +92,15 @@ def sample_uncertain_points(
     return point_coords
 
 
-def _validate_targets(
-    mask_labels: list[Tensor], class_labels: list[Tensor], batch_size: int, prediction_size: tuple[int, int]
+def validate_targets(
+    mask_labels: list[Tensor],
+    class_labels: list[Tensor],
+    batch_size: int,
+    prediction_size: tuple[int, int],
+    num_labels: int,
 ) -> None:
-    """Check that the targets describe `batch_size` images and cover the same (padded) extent as the predictions."""
+    """Check that the targets describe `batch_size` images, cover the same (padded) extent as the predictions, have
+    binary masks and integer class ids in [0, num_labels) (id num_labels is "no object", larger ids do not exist)."""
     if len(mask_labels) != batch_size or len(class_labels) != batch_size:
         raise ValueError(
             f"expected one mask_labels and one class_labels entry per image ({batch_size}), got "
@@ -107,6 +112,18 @@ def _validate_targets(
             raise ValueError(
                 f"image {idx}: mask_labels must be [N, H, W] and class_labels [N] with the same N, got "
                 f"{tuple(masks.shape)} and {tuple(labels.shape)}"
+            )
+        if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+            raise ValueError(f"image {idx}: class_labels must be integer class ids, got dtype {labels.dtype}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_labels):
+            raise ValueError(
+                f"image {idx}: class_labels must lie in [0, {num_labels}) (num_labels), got "
+                f"{labels.min().item()}..{labels.max().item()}"
+            )
+        if masks.dtype != torch.bool and masks.numel() and not ((masks == 0) | (masks == 1)).all():
+            raise ValueError(
+                f"image {idx}: mask_labels must be binary (bool, or 0/1 values), got values in "
+                f"[{masks.min().item()}, {masks.max().item()}] (dtype {masks.dtype})"
             )
         if mask_size is None:
             mask_size = tuple(masks.shape[-2:])
@@ -179,7 +196,7 @@ class FastInstHungarianMatcher(nn.Module):
             Per image, `(prediction indices, target indices)`, int64 on the CPU, sorted by prediction index.
         """
         batch_size, num_queries = class_logits.shape[:2]
-        _validate_targets(mask_labels, class_labels, batch_size, mask_logits.shape[-2:])
+        validate_targets(mask_labels, class_labels, batch_size, mask_logits.shape[-2:], class_logits.shape[-1] - 1)
         if query_locations.shape != (batch_size, num_queries, 2):
             raise ValueError(
                 f"query_locations must be [{batch_size}, {num_queries}, 2], got {tuple(query_locations.shape)}"
@@ -237,7 +254,7 @@ class FastInstProposalMatcher(nn.Module):
         """
         batch_size = proposal_logits.shape[0]
         proposal_size = proposal_logits.shape[-2:]
-        _validate_targets(mask_labels, class_labels, batch_size, proposal_size)
+        validate_targets(mask_labels, class_labels, batch_size, proposal_size, proposal_logits.shape[1] - 1)
         indices = []
         for b in range(batch_size):
             probs = proposal_logits[b].flatten(1).T.float().softmax(-1)  # [hw, K+1]
@@ -257,6 +274,7 @@ def build_gt_attention_mask(
     size: tuple[int, int],
     num_queries_total: int,
     num_heads: int,
+    device: torch.device | None = None,
 ) -> Tensor:
     """Attention mask of the GT-mask-guided decoder branch (upstream `forward_prediction_heads`, training only).
 
@@ -269,6 +287,7 @@ def build_gt_attention_mask(
         size: `(h, w)` of the pixel features the queries attend to.
         num_queries_total: number of IA-guided plus auxiliary queries.
         num_heads: attention heads.
+        device: where to build the mask (the model's device); defaults to the device of `mask_labels`.
 
     Returns:
         [B * num_heads, num_queries_total, h * w] bool, True = may not attend, head-major per image like
@@ -276,12 +295,12 @@ def build_gt_attention_mask(
     """
     if len(matching_indices) != len(mask_labels):
         raise ValueError(f"got {len(matching_indices)} matching_indices entries for {len(mask_labels)} images")
-    device = mask_labels[0].device
+    device = mask_labels[0].device if device is None else device
     attn_mask = torch.zeros(len(mask_labels), num_queries_total, *size, dtype=torch.bool, device=device)
     for b, (query_idx, target_idx) in enumerate(matching_indices):
         if len(query_idx) == 0:
             continue
-        target_masks = mask_labels[b][target_idx.to(device)].float()
+        target_masks = mask_labels[b][target_idx.to(mask_labels[b].device)].to(device, torch.float32)
         resized = F.interpolate(target_masks[None], size=size, mode="nearest")[0].bool()
         attn_mask[b, query_idx.to(device)] = ~resized
     attn_mask = attn_mask.flatten(2)
@@ -339,7 +358,8 @@ class FastInstLoss(nn.Module):
         self, mask_logits: Tensor, mask_labels: list[Tensor], indices: MatchingIndices, num_masks: float
     ) -> tuple[Tensor, Tensor]:
         """Point-sampled BCE and dice of the matched [B, Q, h, w] mask logits against their GT masks."""
-        pred_masks = mask_logits[_prediction_index(indices, mask_logits.device)][:, None]
+        # float32 like the sampled point coordinates, also when the whole model runs in half precision
+        pred_masks = mask_logits[_prediction_index(indices, mask_logits.device)][:, None].float()
         target_masks = torch.cat([masks[tgt.to(masks.device)] for masks, (_, tgt) in zip(mask_labels, indices)]).to(
             pred_masks
         )[:, None]
@@ -401,7 +421,9 @@ class FastInstLoss(nn.Module):
         """
         if not predictions:
             raise ValueError("predictions must hold at least the final prediction set")
-        _validate_targets(mask_labels, class_labels, proposal_logits.shape[0], proposal_logits.shape[-2:])
+        validate_targets(
+            mask_labels, class_labels, proposal_logits.shape[0], proposal_logits.shape[-2:], self.num_labels
+        )
 
         # Upstream order, which fixes the order of the random draws: proposal matching, then the final set,
         # then the auxiliary sets.

@@ -22,7 +22,7 @@ from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_fastinst import FastInstConfig, FastInstResNetVdConfig
-from .loss_fastinst import FastInstLoss, build_gt_attention_mask
+from .loss_fastinst import FastInstLoss, build_gt_attention_mask, validate_targets
 from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
 
 
@@ -35,15 +35,12 @@ class FastInstModelOutput(ModelOutput):
         Mask logits of every instance query from the last prediction head, at 1/8 of the padded input size.
     auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
         Predictions of the heads before the last one (head 0 reads the proposed queries, head i the output of
-        layer i - 1), as `{"class_queries_logits", "masks_queries_logits"}`. Class logits are only computed in
-        training or with `output_auxiliary_logits`, else they are `None`.
+        layer i - 1), as `{"class_queries_logits", "masks_queries_logits"}`. Class logits are only computed with
+        `output_auxiliary_logits` (deep supervision asks for them), else they are `None`.
     proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
         Logits of the auxiliary classification head on E4 that guides the query selection.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
-    query_locations (`torch.FloatTensor` of shape `(batch_size, num_queries, 2)`):
-        Normalised (x, y) grid location of every selected query, corners at exactly 0 and 1, used by the location
-        cost of the matcher; computed in training mode only.
     query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
         Positional embeddings of the queries.
     pixel_position_embeddings (`torch.FloatTensor` of shape `(1, height / 8 * width / 8, hidden_dim)`):
@@ -58,6 +55,9 @@ class FastInstModelOutput(ModelOutput):
         Backbone feature maps at strides 8, 16 and 32, returned with `output_hidden_states=True`.
     pixel_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Pixel decoder maps E5, E4, E3 (strides 32, 16, 8), returned with `output_hidden_states=True`.
+    image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
+        (height, width) of each image before padding, read off `pixel_mask` when it is given; post-processing uses
+        it to crop the padding.
     """
 
     class_queries_logits: torch.FloatTensor | None = None
@@ -65,13 +65,13 @@ class FastInstModelOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_indices: torch.LongTensor | None = None
-    query_locations: torch.FloatTensor | None = None
     query_position_embeddings: torch.FloatTensor | None = None
     pixel_position_embeddings: torch.FloatTensor | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_sizes: torch.LongTensor | None = None
 
 
 @dataclass
@@ -94,7 +94,7 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
         Logits of the instance-activation (proposal) classification head.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat stride-16 indices of the selected queries.
-    encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states:
+    encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states, image_sizes:
         As in [`FastInstModelOutput`].
     """
 
@@ -109,6 +109,7 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    image_sizes: torch.LongTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -299,8 +300,8 @@ class FastInstQueryProposal(nn.Module):
             proposal_features: E4, [B, C, h, w].
             position_embeddings: positional embedding grid resized to E4, [1, C, h, w].
         Returns:
-            queries [B, Q+A, C], query position embeddings [B, Q+A, C], proposal logits [B, K+1, h, w],
-            selected indices [B, Q] and, in training, their normalised (x, y) locations [B, Q, 2] (else None).
+            queries [B, Q+A, C], query position embeddings [B, Q+A, C], proposal logits [B, K+1, h, w] and the
+            selected flat indices [B, Q].
         """
         batch_size, _, height, width = proposal_features.shape
         if height * width < self.num_queries:
@@ -318,19 +319,23 @@ class FastInstQueryProposal(nn.Module):
 
         queries = gather(proposal_features.flatten(2))
         query_position_embeddings = gather(position_embeddings.flatten(2).expand(batch_size, -1, -1))
-        locations = None
-        if self.training:
-            # Only the training matcher needs them. linspace puts the corners at exactly 0 and 1, as upstream.
-            x_grid = torch.linspace(0, 1, width, device=indices.device)
-            y_grid = torch.linspace(0, 1, height, device=indices.device)
-            rows = torch.div(indices, width, rounding_mode="floor")
-            locations = torch.stack([x_grid[indices % width], y_grid[rows]], dim=-1)
-
         auxiliary_queries = self.auxiliary_query_features.weight.unsqueeze(0).expand(batch_size, -1, -1)
         auxiliary_position = self.auxiliary_query_position_embeddings.weight.unsqueeze(0).expand(batch_size, -1, -1)
         queries = torch.cat([queries, auxiliary_queries], dim=1)
         query_position_embeddings = torch.cat([query_position_embeddings, auxiliary_position], dim=1)
-        return queries, query_position_embeddings, proposal_logits, indices, locations
+        return queries, query_position_embeddings, proposal_logits, indices
+
+
+def proposal_locations(indices: Tensor, height: int, width: int) -> Tensor:
+    """Normalised (x, y) location [B, Q, 2] of flat indices [B, Q] into an `height` x `width` grid.
+
+    linspace puts the corners at exactly 0 and 1, as upstream; the matcher's location cost samples the ground-truth
+    masks there (training only, so it stays out of the inference graph).
+    """
+    x_grid = torch.linspace(0, 1, width, device=indices.device)
+    y_grid = torch.linspace(0, 1, height, device=indices.device)
+    rows = torch.div(indices, width, rounding_mode="floor")
+    return torch.stack([x_grid[indices % width], y_grid[rows]], dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -567,6 +572,11 @@ class FastInstPreTrainedModel(PreTrainedModel):
                 init.uniform_(module.bias, -bound, bound)
 
 
+def image_sizes_from_mask(pixel_mask: Tensor) -> Tensor:
+    """(height, width) [B, 2] of the real (unpadded) pixels of a bottom/right-padded `pixel_mask` [B, H, W]."""
+    return torch.stack([pixel_mask.any(dim=2).sum(dim=1), pixel_mask.any(dim=1).sum(dim=1)], dim=-1)
+
+
 class FastInstModel(FastInstPreTrainedModel):
     """Backbone, PPM-FPN pixel decoder, IA-guided query proposal and dual-path decoder with its prediction heads.
 
@@ -577,7 +587,7 @@ class FastInstModel(FastInstPreTrainedModel):
     def __init__(self, config: FastInstConfig):
         super().__init__(config)
         self.backbone = build_backbone(config)
-        self.pixel_decoder = FastInstPixelDecoder(config, list(self.backbone.num_features[-3:]))
+        self.pixel_decoder = FastInstPixelDecoder(config, list(self.backbone.channels))
         size = config.position_embedding_size
         self.position_embedding = nn.Parameter(torch.empty(1, config.hidden_dim, size, size))
         self.query_proposal = FastInstQueryProposal(config)
@@ -591,14 +601,13 @@ class FastInstModel(FastInstPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_auxiliary_logits: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> FastInstModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
             Normalised images, zero-padded to a multiple of 32.
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Accepted for compatibility with the image processor and pipelines; like the official model, FastInst
-            does not mask the padding (the padded zeros are part of the input it was trained on).
+            1 on real pixels, 0 on padding. Like the official model, FastInst does not mask the padding in attention
+            (the padded zeros are part of the input it was trained on); the mask only gives `image_sizes`.
         """
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
@@ -616,7 +625,7 @@ class FastInstModel(FastInstPreTrainedModel):
         pixel_position = F.interpolate(
             self.position_embedding, size=pixel_map.shape[-2:], mode="bilinear", align_corners=False
         )
-        queries, query_position, proposal_logits, proposal_indices, query_locations = self.query_proposal(
+        queries, query_position, proposal_logits, proposal_indices = self.query_proposal(
             proposal_map, proposal_position
         )
         pixel_states = pixel_map.flatten(2).transpose(1, 2)
@@ -627,7 +636,7 @@ class FastInstModel(FastInstPreTrainedModel):
             query_position,
             pixel_position,
             tuple(pixel_map.shape[-2:]),
-            predict_all_classes=self.training or output_auxiliary_logits,
+            predict_all_classes=output_auxiliary_logits,
         )
         output = FastInstModelOutput(
             class_queries_logits=predictions[-1][0],
@@ -638,13 +647,13 @@ class FastInstModel(FastInstPreTrainedModel):
             ],
             proposal_logits=proposal_logits,
             proposal_indices=proposal_indices,
-            query_locations=query_locations,
             query_position_embeddings=query_position,
             pixel_position_embeddings=pixel_position,
             query_hidden_states=query_hidden_states,
             pixel_hidden_states=pixel_hidden_states,
             encoder_hidden_states=features if output_hidden_states else None,
             pixel_decoder_hidden_states=multi_scale if output_hidden_states else None,
+            image_sizes=image_sizes_from_mask(pixel_mask) if pixel_mask is not None else None,
         )
         return output if return_dict is not False else output.to_tuple()
 
@@ -668,7 +677,6 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_auxiliary_logits: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> FastInstForInstanceSegmentationOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
@@ -678,28 +686,39 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         class_labels (`list[torch.LongTensor]`, *optional*):
             Per image, the contiguous class id `(num_instances,)` of each mask.
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
-            Accepted and ignored, see [`FastInstModel.forward`].
+            1 on real pixels, 0 on padding; only used for `image_sizes`, see [`FastInstModel.forward`].
         """
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("mask_labels and class_labels must be given together")
+        deep_supervision = mask_labels is not None and self.config.use_auxiliary_loss
         outputs = self.model(
             pixel_values,
             pixel_mask=pixel_mask,
             output_hidden_states=output_hidden_states,
-            output_auxiliary_logits=output_auxiliary_logits or mask_labels is not None,
+            output_auxiliary_logits=output_auxiliary_logits or deep_supervision,
             return_dict=True,
         )
         auxiliary_logits = outputs.auxiliary_logits
         loss = loss_dict = None
         if mask_labels is not None:
-            # Upstream's order of the prediction sets: GT-mask-guided ones, earlier heads, last head.
-            auxiliary_logits = self.gt_mask_guided_predictions(outputs, mask_labels, class_labels) + auxiliary_logits
+            validate_targets(
+                mask_labels,
+                class_labels,
+                pixel_values.shape[0],
+                outputs.masks_queries_logits.shape[-2:],
+                self.config.num_labels,
+            )
+            locations = proposal_locations(outputs.proposal_indices, *outputs.proposal_logits.shape[-2:])
+            if deep_supervision:
+                # Upstream's order of the prediction sets: GT-mask-guided ones, earlier heads, last head.
+                guided = self.gt_mask_guided_predictions(outputs, locations, mask_labels, class_labels)
+                auxiliary_logits = guided + auxiliary_logits
             final = {
                 "class_queries_logits": outputs.class_queries_logits,
                 "masks_queries_logits": outputs.masks_queries_logits,
             }
             loss_dict = self.criterion(
-                auxiliary_logits + [final], outputs.proposal_logits, outputs.query_locations, mask_labels, class_labels
+                auxiliary_logits + [final], outputs.proposal_logits, locations, mask_labels, class_labels
             )
             loss = sum(loss_dict.values())
         output = FastInstForInstanceSegmentationOutput(
@@ -714,11 +733,16 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
             query_hidden_states=outputs.query_hidden_states,
             pixel_hidden_states=outputs.pixel_hidden_states,
+            image_sizes=outputs.image_sizes,
         )
         return output if return_dict is not False else output.to_tuple()
 
     def gt_mask_guided_predictions(
-        self, outputs: FastInstModelOutput, mask_labels: list[Tensor], class_labels: list[Tensor]
+        self,
+        outputs: FastInstModelOutput,
+        query_locations: Tensor,
+        mask_labels: list[Tensor],
+        class_labels: list[Tensor],
     ) -> list[dict]:
         """GT-mask-guided learning (training only): each layer i is run again on its own output, with an attention
         mask that lets every matched query see only its ground-truth mask, then prediction head i+1 is applied.
@@ -731,7 +755,7 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         matching_indices = self.criterion.matcher(
             outputs.class_queries_logits,
             outputs.masks_queries_logits,
-            outputs.query_locations,
+            query_locations,
             mask_labels,
             class_labels,
         )
@@ -741,6 +765,7 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             mask_size,
             outputs.query_hidden_states[0].shape[1],
             decoder.num_heads,
+            device=outputs.masks_queries_logits.device,
         )
         guided = []
         for index, layer in enumerate(decoder.layers):
