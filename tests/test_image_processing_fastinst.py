@@ -364,3 +364,14 @@ def test_auto_image_processor(tmp_path):
     assert type(AutoImageProcessor.from_pretrained(tmp_path)) is FastInstImageProcessor
     pil = AutoImageProcessor.from_pretrained(tmp_path, backend="pil")
     assert type(pil) is FastInstImageProcessorPil and pil.size.shortest_edge == 576
+
+
+def test_float_images_in_unit_range_are_flagged(caplog):
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.enable_propagation()
+    processor = FastInstImageProcessor(size={"shortest_edge": 32, "longest_edge": 64})
+    with caplog.at_level("WARNING"):
+        processor(torch.rand(3, 20, 30), return_tensors="pt")
+    assert "values in [0, 1]" in caplog.text
+    hf_logging.disable_propagation()

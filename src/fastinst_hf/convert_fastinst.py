@@ -14,6 +14,7 @@ import torch
 import yaml
 
 from .configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from .io_utils import atomic_write_text
 
 DROPPED_KEYS = ("criterion.empty_weight", "sem_seg_head.predictor.criterion.empty_weight")
 
@@ -424,20 +425,17 @@ def official_checkpoint_url(variant: str) -> str:
 def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None, variant: str | None = None) -> Path:
     """Write `model`, its image processor and a model card to `output_dir`; with `push_to_hub` (a repo id) also push
     them to the Hub. `variant` names the official release the weights come from, for the model card."""
+    from .evaluate_model import processor_for_config
     from .hub import push_model_to_hub, render_model_card
-    from .image_processing_fastinst import FastInstImageProcessor
 
     output_dir = Path(output_dir)
     config = model.config
-    processor = FastInstImageProcessor(
-        size={"shortest_edge": config.test_shortest_edge, "longest_edge": config.test_longest_edge},
-        num_detections=config.num_detections,
-    )
+    processor = processor_for_config(config)
     num_values = sum(t.numel() for t in model.state_dict().values())
     model_card = render_model_card(config, push_to_hub or output_dir.name, variant=variant, num_values=num_values)
     model.save_pretrained(output_dir)
     processor.save_pretrained(output_dir)
-    (output_dir / "README.md").write_text(model_card)
+    atomic_write_text(output_dir / "README.md", model_card)
     if push_to_hub:
         push_model_to_hub(model, processor, push_to_hub, model_card=model_card)
     return output_dir

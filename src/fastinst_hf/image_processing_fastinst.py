@@ -30,6 +30,9 @@ from transformers.image_utils import (
 )
 from transformers.models.mask2former.image_processing_mask2former import binary_mask_to_rle
 from transformers.processing_utils import ImagesKwargs, Unpack
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 # The mask logits of FastInst are predicted at stride 8 of the padded input.
 MASK_STRIDE = 8
@@ -148,7 +151,13 @@ def _to_rgb_uint8_or_float(
     if dtype == "uint16":
         scaled = (image.to(torch.float32) if is_torch else image.astype(np.float32)) / 257.0
         image = scaled.round().to(torch.uint8) if is_torch else np.rint(scaled).astype(np.uint8)
-    elif dtype != "uint8" and not dtype.startswith(("float", "bfloat")):
+    elif dtype.startswith(("float", "bfloat")):
+        if (image.numel() if is_torch else image.size) and float(image.max()) <= 1.0:
+            logger.warning_once(
+                f"Image {index}: a float image with values in [0, 1]. FastInst processors read float images as "
+                "0-255 values, like the official model input: multiply by 255 or pass uint8 images."
+            )
+    elif dtype != "uint8":
         raise ValueError(
             f"Image {index}: expected dtype uint8, uint16 or float (0-255 values), got {dtype}. Other integer "
             "types have no defined value range."
