@@ -181,11 +181,12 @@ def main(argv=None):
         "results": {},
     }
     try:
-        out["cpu_model"] = [ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")][
-            0
-        ]
-    except Exception:
-        pass
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            models = [ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")]
+    except OSError:  # no /proc (not Linux)
+        models = []
+    # Some CPUs (e.g. many ARM ones) have no "model name" line either.
+    out["cpu_model"] = models[0] if models else "unknown CPU"
     try:
         out["loadavg_before"] = os.getloadavg()
     except OSError:

@@ -11,6 +11,7 @@ from PIL import Image
 from transformers import ResNetConfig
 
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, hub_models
+from fastinst_hf.benchmark import synchronize
 from fastinst_hf.cli import load_image, load_model, main, predict_image
 from fastinst_hf.convert_fastinst import config_from_detectron2, save_converted
 from fastinst_hf.hub_models import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
@@ -248,6 +249,14 @@ def test_benchmark_prints_a_stage_table(tiny_model_dir, image_dir, capsys):
     assert "median ms" in stdout and "p90 ms" in stdout and "CPU threads" in stdout and "padded input 96x64" in stdout
     assert main([*argv, "--fp16"]) == 2
     assert "--fp16 needs a CUDA device" in capsys.readouterr().err
+
+
+def test_synchronize_waits_for_cuda_devices_only(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", calls.append)
+    synchronize(torch.device("cpu"))
+    synchronize(torch.device("cuda", 0))
+    assert calls == [torch.device("cuda", 0)]
 
 
 def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):

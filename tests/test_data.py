@@ -18,8 +18,6 @@ from fastinst_hf.data import (
     FastInstTrainTransform,
     HFCocoInstanceDataset,
     coco_to_hf_dataset,
-    collate_fn,
-    shortest_edge_size,
 )
 from fastinst_hf.synthetic import (
     STARDIST_IMAGE_MEMBER,
@@ -140,6 +138,9 @@ def _corrupt(case, coco, image_dir):
     if case == "image_id":
         ann["image_id"] = 404
         return "annotation id 11", "unknown image id"
+    if case == "duplicate_id":
+        coco["images"].append({"id": 1, "file_name": "b.png", "height": H, "width": W})
+        return "image id 1", "duplicate image id \\(b.png skipped, a.png kept\\)"
     if case == "missing_file":
         (image_dir / "a.png").unlink()
         return "image id 1", "not found"
@@ -149,7 +150,9 @@ def _corrupt(case, coco, image_dir):
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["polygon", "bbox", "category", "image_id", "missing_file", "unreadable"])
+@pytest.mark.parametrize(
+    "case", ["polygon", "bbox", "category", "image_id", "duplicate_id", "missing_file", "unreadable"]
+)
 def test_bad_annotations_skip_and_error(coco_dir, case):
     path, image_dir, coco = coco_dir
     where, what = _corrupt(case, coco, image_dir)
@@ -161,6 +164,9 @@ def test_bad_annotations_skip_and_error(coco_dir, case):
     assert len(ds.problems) == 1
     if where.startswith("annotation"):  # the other annotations of the image survive
         assert ds.records[0].annotation_ids == [12, 13]
+    elif case == "duplicate_id":  # the first entry keeps the id and its annotations
+        assert ds.image_ids == [1, 2] and ds.records[0].path.name == "a.png"
+        assert ds.records[0].annotation_ids == [11, 12, 13]
     else:  # the image is dropped with its annotations
         assert ds.image_ids == [2]
 
@@ -198,11 +204,21 @@ def test_exif_orientation_is_applied(tmp_path):
     assert torch.equal(item["image"][0] > 127, item["mask_labels"][0])
 
 
-def test_shortest_edge_size_matches_detectron2():
-    assert shortest_edge_size(480, 640, 640, 853) == (640, 853)
-    assert shortest_edge_size(333, 500, 640, 853) == (568, 853)
-    assert shortest_edge_size(100, 150, 33) == (33, 50)  # rounds half up (floor would give 49)
-    assert shortest_edge_size(900, 300, 400) == (1200, 400)
+@pytest.mark.parametrize(
+    "size, short_edge, max_size, expected",
+    [
+        ((480, 640), 640, 853, (640, 853)),
+        ((333, 500), 640, 853, (568, 853)),
+        ((100, 150), 33, 10**6, (33, 50)),  # rounds half up (floor would give 49)
+        ((900, 300), 400, 10**6, (1200, 400)),
+        ((1, 3001), 640, 853, (1, 853)),  # the short side would round to 0 pixels: kept at 1
+    ],
+)
+def test_eval_transform_sizes_match_detectron2(size, short_edge, max_size, expected):
+    image = np.zeros((*size, 3), np.uint8)
+    masks = np.ones((1, *size), dtype=bool)
+    out_image, out_masks, _ = FastInstEvalTransform(short_edge, max_size)(image, masks, np.array([0]))
+    assert out_image.shape == (*expected, 3) and out_masks.shape == (1, *expected) and out_masks.all()
 
 
 def _rect_sample(h=120, w=200):
@@ -278,7 +294,7 @@ def test_collate_shapes_and_padding():
         masks[:, :10, :10] = True
         item = {"image": image, "mask_labels": masks, "class_labels": torch.arange(n), "image_id": h}
         items.append({**item, "orig_size": (h * 2, w * 2)})
-    batch = collate_fn(items)
+    batch = FastInstCollator()(items)
     assert batch["pixel_values"].shape == (2, 3, 64, 96) and batch["pixel_values"].dtype == torch.float32
     assert batch["pixel_mask"].dtype == torch.long and batch["pixel_mask"][0].sum() == 50 * 70
     mean = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)

@@ -25,7 +25,7 @@ def test_onnx_export_matches_pytorch_with_dynamic_sizes(tmp_path):
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(tiny_config()).eval()
     path = export_onnx(model, tmp_path / "fastinst.onnx", height=128, width=160)
-    assert path.is_file() and not (tmp_path / "fastinst.onnx.partial").exists()
+    assert path.is_file() and not list(tmp_path.glob(".*"))  # no temporary file left
     session = onnxruntime.InferenceSession(str(path))
     assert [o.name for o in session.get_outputs()] == list(OUTPUT_NAMES)
     for shape in [(1, 3, 128, 160), (2, 3, 192, 96), (1, 3, 96, 288)]:
@@ -37,3 +37,17 @@ def test_onnx_export_matches_pytorch_with_dynamic_sizes(tmp_path):
         np.testing.assert_allclose(mask_logits, expected.masks_queries_logits.numpy(), atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="multiples of 32"):
         export_onnx(model, tmp_path / "bad.onnx", height=100, width=160)
+
+
+def test_failed_onnx_save_leaves_no_file(tmp_path, monkeypatch):
+    class FailingProgram:
+        def save(self, destination):
+            with open(destination, "wb") as file:
+                file.write(b"truncated")
+            raise RuntimeError("simulated failure while saving")
+
+    monkeypatch.setattr(torch.onnx, "export", lambda *args, **kwargs: FailingProgram())
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        export_onnx(model, tmp_path / "out" / "fastinst.onnx", height=128, width=160)
+    assert list((tmp_path / "out").iterdir()) == []

@@ -11,16 +11,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastinst_hf import FastInstForInstanceSegmentation, training
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, training
 from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
 from fastinst_hf.synthetic import make_shapes_dataset, split_coco
 from fastinst_hf.training import (
     CLASS_HEAD_KEY_PARTS,
+    MetricsLog,
+    accelerator_kwargs_handlers,
     build_model,
     build_param_groups,
     build_scheduler,
+    init_config,
     latest_checkpoint,
     main,
+    save_final_model,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -243,6 +247,78 @@ def test_interrupted_save_keeps_last_checkpoint(data, tmp_path, monkeypatch):
     assert latest_checkpoint(output_dir).name == "step_3"
     assert not list((output_dir / "checkpoints").glob(".tmp_*"))
     assert pushed == [("me/fastinst-shapes", "FastInstForInstanceSegmentation", "FastInstImageProcessor", True)]
+
+
+def _reject_constant(name):
+    raise ValueError(f"not JSON: {name}")
+
+
+def test_metrics_files_write_non_finite_values_as_null(tmp_path):
+    log = MetricsLog(tmp_path, None)
+    losses = {"loss": 2.5, "loss_ce": float("inf"), "loss_mask": 1.0, "loss_dice": 1.0, "loss_proposal": 0.5}
+    log.append({"step": 1, "epoch": 0, **losses})
+    log.append({"step": 2, "epoch": 0, "AP": 10.0, "AP50": 20.0, "AP75": 5.0, "APl": float("nan")})
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=_reject_constant) for line in lines]
+    assert records[0]["loss_ce"] is None and records[1]["APl"] is None and records[1]["AP"] == 10.0
+    header, *rows = (tmp_path / "metrics.csv").read_text().splitlines()
+    columns = header.split(",")
+    first, second = (dict(zip(columns, row.split(","))) for row in rows)
+    assert first["loss_ce"] == "" and first["loss"] == "2.5"
+    assert second["APl"] == "" and second["AP"] == "10"
+    # A resumed log reads the nulls back and rewrites valid files.
+    MetricsLog(tmp_path, resume_step=2).plot()
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line, parse_constant=_reject_constant) for line in lines] == records
+
+
+class _SingleProcessAccelerator:
+    is_main_process = True
+
+    def get_state_dict(self, model):
+        return model.state_dict()
+
+    def unwrap_model(self, model):
+        return model
+
+    def print(self, *args):
+        pass
+
+    def wait_for_everyone(self):
+        pass
+
+
+def test_interrupted_final_save_keeps_the_previous_model(tmp_path, monkeypatch):
+    accelerator, model, processor = _SingleProcessAccelerator(), _tiny_model(), FastInstImageProcessor()
+    final_dir = save_final_model(accelerator, model, processor, tmp_path)
+    original_replace = os.replace
+
+    def failing_replace(src, dst):
+        if Path(src).name == ".tmp_final":
+            raise OSError("simulated crash while moving the new model in")
+        return original_replace(src, dst)
+
+    monkeypatch.setattr(training.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="simulated crash"):
+        save_final_model(accelerator, model, processor, tmp_path)
+    # The previous model is still complete, in final/ or moved aside next to it.
+    kept = [d for d in (final_dir, tmp_path / ".old_final") if (d / "model.safetensors").is_file()]
+    assert kept and FastInstForInstanceSegmentation.from_pretrained(kept[0]).config.num_labels == len(LABELS)
+
+    monkeypatch.setattr(training.os, "replace", original_replace)
+    save_final_model(accelerator, model, processor, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
+    assert (final_dir / "model.safetensors").is_file() and (final_dir / "preprocessor_config.json").is_file()
+
+
+def test_ddp_looks_for_unused_parameters_only_without_auxiliary_loss(tmp_path):
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    assert accelerator_kwargs_handlers(init_config("config", {})) == []
+    FastInstConfig(use_auxiliary_loss=False).save_pretrained(tmp_path)
+    for config in (init_config("config", {"use_auxiliary_loss": False}), init_config(str(tmp_path), {})):
+        (handler,) = accelerator_kwargs_handlers(config)
+        assert isinstance(handler, DistributedDataParallelKwargs) and handler.find_unused_parameters
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,12 @@ import torch
 STAGES = ("preprocess", "backbone", "pixel decoder", "decoder + heads", "postprocess", "total")
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work: CUDA kernels run asynchronously, so wall-clock times need it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class _StageTimer:
     """Forward hooks that record the wall-clock time spent inside a submodule (device synchronised at both ends)."""
 
@@ -34,16 +40,12 @@ class _StageTimer:
         self._start = 0.0
         self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def _before(self, module, args) -> None:
-        self._sync()
+        synchronize(self.device)
         self._start = time.perf_counter()
 
     def _after(self, module, args, output) -> None:
-        self._sync()
+        synchronize(self.device)
         self.elapsed = time.perf_counter() - self._start
 
     def remove(self) -> None:
@@ -67,25 +69,21 @@ def benchmark(
     autocast = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
     times: dict[str, list[float]] = {stage: [] for stage in STAGES}
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     try:
         for run in range(warmup + runs):
-            sync()
+            synchronize(device)
             start = time.perf_counter()
             pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"].to(device)
-            sync()
+            synchronize(device)
             preprocessed = time.perf_counter()
             with autocast:
                 outputs = model(pixel_values=pixel_values)
-            sync()
+            synchronize(device)
             forwarded = time.perf_counter()
             processor.post_process_instance_segmentation(
                 outputs, threshold=0.5, target_sizes=[(image.height, image.width)], return_binary_maps=True
             )
-            sync()
+            synchronize(device)
             end = time.perf_counter()
             if run < warmup:
                 continue

@@ -144,14 +144,6 @@ def load_model(name: str | None, device):
     return model.to(device).eval(), processor, model_dir
 
 
-def _synchronize(device) -> None:
-    import torch
-
-    # CUDA kernels run asynchronously: wait for them so that wall-clock stage times are right.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # --------------------------------------------------------------------------------------------------
 # predict
 # --------------------------------------------------------------------------------------------------
@@ -183,14 +175,16 @@ def predict_image(model, processor, image, device, threshold: float, max_instanc
     """Segment one PIL image; returns (masks `(N, H, W)` bool numpy, labels, scores, stage times in ms)."""
     import torch
 
+    from .benchmark import synchronize
+
     start = time.perf_counter()
     inputs = processor(images=[image], return_tensors="pt")
     pixel_values = inputs["pixel_values"].to(device)
-    _synchronize(device)
+    synchronize(device)
     preprocessed = time.perf_counter()
     with torch.inference_mode():
         outputs = model(pixel_values=pixel_values)
-    _synchronize(device)
+    synchronize(device)
     inferred = time.perf_counter()
     result = processor.post_process_instance_segmentation(
         outputs, threshold=threshold, target_sizes=[(image.height, image.width)], return_binary_maps=True

@@ -33,6 +33,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+# The processor's detectron2 ResizeShortestEdge rule, so training/evaluation sizes match inference exactly.
+from .image_processing_fastinst import get_fastinst_output_image_size
+
 # The upstream (SparseInst/FastInst) training recipe, see FastInstInstanceDatasetMapper.
 TRAIN_SHORT_EDGES = (416, 448, 480, 512, 544, 576, 608, 640)
 TRAIN_MAX_SIZE = 853
@@ -195,12 +198,22 @@ def parse_coco(
     problems: list[str] = []
 
     records: dict[int, CocoRecord] = {}
+    file_names: dict[int, str] = {}  # of every image id seen, usable or not
     for img in data["images"]:
         missing = [k for k in ("id", "file_name", "height", "width") if k not in img]
         if missing:
             problems.append(f"{annotation_file}: image entry {img.get('id', img)} lacks {missing}")
             continue
-        record = CocoRecord(int(img["id"]), image_dir / img["file_name"], int(img["height"]), int(img["width"]))
+        image_id = int(img["id"])
+        if image_id in file_names:
+            # Annotations name their image by id only, so they can not tell two such entries apart: keep the first.
+            problems.append(
+                f"{annotation_file}: image id {image_id}: duplicate image id ({img['file_name']} skipped, "
+                f"{file_names[image_id]} kept)"
+            )
+            continue
+        file_names[image_id] = img["file_name"]
+        record = CocoRecord(image_id, image_dir / img["file_name"], int(img["height"]), int(img["width"]))
         problem = _image_problem(record.path, record.height, record.width) if check_images else None
         if problem:
             problems.append(f"{annotation_file}: image id {record.image_id}: {problem}")
@@ -274,17 +287,6 @@ def encode_mask(mask: np.ndarray) -> dict:
 # --------------------------------------------------------------------------------------------------
 
 
-def shortest_edge_size(height: int, width: int, short_edge: int, max_size: int = sys.maxsize) -> tuple[int, int]:
-    """detectron2 ResizeShortestEdge output size (h, w): scale the short side, cap the long side, round."""
-    scale = short_edge / min(height, width)
-    new_h, new_w = height * scale, width * scale
-    if max(new_h, new_w) > max_size:
-        scale = max_size / max(new_h, new_w)
-        new_h, new_w = new_h * scale, new_w * scale
-    # detectron2 rounds half up; transformers' resize floors, which shifts sizes by one pixel.
-    return int(new_h + 0.5), int(new_w + 0.5)
-
-
 def resize_image_and_masks(
     image: np.ndarray, masks: np.ndarray, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -340,7 +342,8 @@ class FastInstTrainTransform:
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if rng.random() < self.crop_prob:
             h, w = image.shape[:2]
-            size = shortest_edge_size(h, w, rng.choice(self.crop_resize_short_edges))
+            # Upstream does not cap the long side before the crop.
+            size = get_fastinst_output_image_size(h, w, rng.choice(self.crop_resize_short_edges), sys.maxsize)
             image, masks = resize_image_and_masks(image, masks, size)
             h, w = image.shape[:2]
             lo, hi = self.crop_size_range
@@ -352,7 +355,7 @@ class FastInstTrainTransform:
             keep = masks.any(axis=(1, 2))
             masks, labels = masks[keep], labels[keep]
         h, w = image.shape[:2]
-        size = shortest_edge_size(h, w, rng.choice(self.short_edges), self.max_size)
+        size = get_fastinst_output_image_size(h, w, rng.choice(self.short_edges), self.max_size)
         image, masks = resize_image_and_masks(image, masks, size)
         if rng.random() < self.flip_prob:
             image, masks = image[:, ::-1], masks[:, :, ::-1]
@@ -375,7 +378,7 @@ class FastInstEvalTransform:
         self, image: np.ndarray, masks: np.ndarray, labels: np.ndarray, rng: random.Random | None = None
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         h, w = image.shape[:2]
-        size = shortest_edge_size(h, w, self.short_edge, self.max_size)
+        size = get_fastinst_output_image_size(h, w, self.short_edge, self.max_size)
         image, masks = resize_image_and_masks(image, masks, size)
         return image, masks, labels
 
@@ -633,11 +636,3 @@ class FastInstCollator:
             "orig_sizes": [tuple(item["orig_size"]) for item in items],
             "image_sizes": sizes,
         }
-
-
-def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """FastInstCollator with the default ImageNet mean/std and size divisor 32."""
-    return _DEFAULT_COLLATOR(items)
-
-
-_DEFAULT_COLLATOR = FastInstCollator()

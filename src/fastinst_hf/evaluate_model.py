@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from .benchmark import synchronize
 from .data import CocoInstanceDataset, FastInstCollator, FastInstEvalTransform
 from .evaluation import METRIC_NAMES, CocoMaskEvaluator
 from .image_processing_fastinst import FastInstImageProcessor
@@ -54,12 +55,6 @@ def build_eval_dataloader(dataset: CocoInstanceDataset, batch_size: int = 1, num
     )
 
 
-def _synchronize(device: torch.device) -> None:
-    # CUDA kernels are asynchronous: wait for them so the wall-clock times measure the work.
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
@@ -93,10 +88,10 @@ def evaluate(
     images_seen = 0
     for batch in dataloader:
         pixel_values = batch["pixel_values"].to(device)
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         outputs = model(pixel_values=pixel_values)
-        _synchronize(device)
+        synchronize(device)
         middle = time.perf_counter()
         predictions = processor.post_process_instance_segmentation(
             outputs,
@@ -105,7 +100,7 @@ def evaluate(
             image_sizes=batch["image_sizes"],
             return_binary_maps=True,
         )
-        _synchronize(device)
+        synchronize(device)
         end = time.perf_counter()
         model_seconds += middle - start
         post_seconds += end - middle

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .io_utils import atomic_path
+
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
 
 
@@ -32,7 +34,8 @@ def export_onnx(model, path: str | Path, height: int = 640, width: int = 864, dy
 
     `height`/`width` give the example input (multiples of 32). With `dynamic`, batch size, height and width are
     dynamic (multiples of 32, at least the size that holds `num_queries` stride-16 cells). The file is written to a
-    temporary name first and renamed, so an interrupted export never leaves a truncated model behind.
+    temporary name first and renamed, so an interrupted export never leaves a truncated model behind, and a failed
+    one leaves no temporary file either.
     """
     if height % 32 or width % 32:
         raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")
@@ -59,7 +62,6 @@ def export_onnx(model, path: str | Path, height: int = 640, width: int = 864, dy
         dynamic_shapes=dynamic_shapes,
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".partial")
-    program.save(str(temporary))
-    temporary.replace(path)
+    with atomic_path(path) as temporary:
+        program.save(str(temporary))
     return path

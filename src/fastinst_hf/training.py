@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import shutil
 import sys
@@ -251,6 +252,33 @@ def _labels_of(config: FastInstConfig) -> dict[int, str]:
     return {int(k): v for k, v in config.id2label.items()}
 
 
+def init_config(init: str, overrides: dict, **labels) -> FastInstConfig:
+    """The config `--init` starts from: `FastInstConfig(**overrides)`, a variant's, or a saved model's with `overrides`.
+
+    `labels` (id2label / label2id) apply to a new config only; a saved model keeps its own, which `build_model`
+    compares with the dataset's.
+    """
+    if init == "config":
+        return FastInstConfig(**overrides, **labels)
+    if init in VARIANTS:
+        return FastInstConfig.from_variant(init, **overrides, **labels)
+    return FastInstConfig.from_pretrained(init, **overrides)
+
+
+def accelerator_kwargs_handlers(config: FastInstConfig) -> list:
+    """Accelerator `kwargs_handlers` the model needs under DDP.
+
+    Without the auxiliary loss only the last decoder layer's heads feed the loss, so the earlier heads get no
+    gradient and DDP's reducer fails ("Expected to have finished reduction in the prior iteration") unless it looks
+    for unused parameters. That search costs a graph traversal per step, so it is only enabled when needed.
+    """
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    if config.use_auxiliary_loss:
+        return []
+    return [DistributedDataParallelKwargs(find_unused_parameters=True)]
+
+
 def build_model(init: str, overrides: dict, id2label: dict[int, str], log=print) -> FastInstForInstanceSegmentation:
     """The model to train, with the dataset's labels in its config.
 
@@ -261,14 +289,9 @@ def build_model(init: str, overrides: dict, id2label: dict[int, str], log=print)
     """
     labels = {"id2label": dict(id2label), "label2id": {name: label for label, name in id2label.items()}}
     if init == "config" or init in VARIANTS:
-        config = (
-            FastInstConfig(**overrides, **labels)
-            if init == "config"
-            else FastInstConfig.from_variant(init, **overrides, **labels)
-        )
         log(f"--init {init}: randomly initialised model (no pretrained weights)")
-        return FastInstForInstanceSegmentation(config)
-    saved_config = FastInstConfig.from_pretrained(init, **overrides)
+        return FastInstForInstanceSegmentation(init_config(init, overrides, **labels))
+    saved_config = init_config(init, overrides)
     if _labels_of(saved_config) == dict(id2label):
         return FastInstForInstanceSegmentation.from_pretrained(init, config=saved_config)
     log(
@@ -398,22 +421,31 @@ class MetricsLog:
         if resume_step is not None and self.jsonl.is_file():
             lines = self.jsonl.read_text(encoding="utf-8").splitlines()
             self.records = [r for r in map(json.loads, filter(None, lines)) if r["step"] <= resume_step]
-        atomic_write_text(self.jsonl, "".join(json.dumps(r) + "\n" for r in self.records), sync=True)
+        atomic_write_text(self.jsonl, "".join(self._json_line(r) for r in self.records), sync=True)
         rows = [self._csv_row(r) for r in self.records]
         atomic_write_text(self.csv, ",".join(CSV_COLUMNS) + "\n" + "".join(rows))
+
+    @staticmethod
+    def _json_line(record: dict) -> str:
+        # json.dumps writes NaN/Infinity bare, which is not JSON (e.g. COCO's APl is NaN without large objects).
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in record.items()}
+        return json.dumps(finite, allow_nan=False) + "\n"
 
     @staticmethod
     def _csv_row(record: dict) -> str:
         values = []
         for column in CSV_COLUMNS:
-            value = record.get(column, "")
-            values.append(f"{value:.6g}" if isinstance(value, float) else str(value))
+            value = record.get(column)
+            if isinstance(value, float):
+                values.append(f"{value:.6g}" if math.isfinite(value) else "")
+            else:
+                values.append("" if value is None else str(value))
         return ",".join(values) + "\n"
 
     def append(self, record: dict) -> None:
         self.records.append(record)
         with open(self.jsonl, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(self._json_line(record))
         with open(self.csv, "a", encoding="utf-8") as f:
             f.write(self._csv_row(record))
 
@@ -450,6 +482,20 @@ class MetricsLog:
         os.replace(tmp, self.png)
 
 
+def _swap_in(new: Path, target: Path) -> None:
+    """Rename the folder `new` to `target`, replacing an existing `target`.
+
+    The old `target` is moved aside and deleted only after the rename, so a crash at any point leaves a complete
+    folder at `target` or at `.old_<name>` next to it; deleting `target` first could leave none.
+    """
+    old = target.with_name(f".old_{target.name}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left over by an earlier interrupted swap; `target` is complete
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)  # also one left over when a crash came right after moving it aside
+
+
 def latest_checkpoint(output_dir: Path) -> Path | None:
     """The checkpoint named by `output_dir/checkpoints/latest`, or None when there is none."""
     pointer = output_dir / CHECKPOINTS / LATEST
@@ -479,14 +525,7 @@ def save_checkpoint(accelerator, output_dir: Path, trainer_state: dict, keep: in
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         atomic_write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2), sync=True)
-        if final.exists():  # the same step saved again (e.g. a resumed run re-saving its end): swap it out
-            old = root / f".old_{name}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, final)
+        _swap_in(tmp, final)  # the same step may be saved again (e.g. a resumed run re-saving its end)
         atomic_write_text(root / LATEST, name + "\n", sync=True)
         if keep:
             done = sorted((p for p in root.glob("step_*") if p.is_dir()), key=lambda p: int(p.name.split("_")[1]))
@@ -525,7 +564,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    # The DDP settings depend on the model config, so it is read before the model (which needs the dataset) exists.
+    accelerator = Accelerator(
+        mixed_precision=args.mixed_precision,
+        kwargs_handlers=accelerator_kwargs_handlers(init_config(args.init, args.config_overrides)),
+    )
     output_dir = Path(args.output_dir)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -768,9 +811,7 @@ def save_final_model(accelerator, model: nn.Module, processor, output_dir: Path)
         shutil.rmtree(tmp, ignore_errors=True)
         accelerator.unwrap_model(model).save_pretrained(tmp, state_dict=state_dict)
         processor.save_pretrained(tmp)
-        if final_dir.exists():
-            shutil.rmtree(final_dir)
-        os.replace(tmp, final_dir)
+        _swap_in(tmp, final_dir)
         accelerator.print(f"saved the final model and processor to {final_dir}")
     accelerator.wait_for_everyone()
     return final_dir
