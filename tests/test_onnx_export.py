@@ -51,3 +51,33 @@ def test_failed_onnx_save_leaves_no_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="simulated failure"):
         export_onnx(model, tmp_path / "out" / "fastinst.onnx", height=128, width=160)
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_onnx_export_of_the_deformable_backbone(tmp_path):
+    """The R50-vd-DCN backbone exports to ONNX DeformConv (opset 19); onnxruntime runs it with non-zero offsets."""
+    import onnx
+
+    from fastinst_hf import FastInstResNetVdConfig
+
+    backbone = FastInstResNetVdConfig(
+        stem_width=8,
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config(backbone_config=backbone)).eval()
+    for name, module in model.named_modules():
+        if name.endswith("conv2_offset"):
+            torch.nn.init.normal_(module.weight, std=0.05)
+            torch.nn.init.normal_(module.bias, std=0.5)
+    path = export_onnx(model, tmp_path / "dcn.onnx", height=128, width=160)
+    assert "DeformConv" in {node.op_type for node in onnx.load(str(path)).graph.node}
+    session = onnxruntime.InferenceSession(str(path))
+    pixel_values = torch.randn(2, 3, 192, 96)
+    with torch.no_grad():
+        expected = model(pixel_values)
+    class_logits, mask_logits = session.run(None, {"pixel_values": pixel_values.numpy()})
+    np.testing.assert_allclose(class_logits, expected.class_queries_logits.numpy(), atol=1e-4, rtol=1e-4)
+    np.testing.assert_allclose(mask_logits, expected.masks_queries_logits.numpy(), atol=1e-4, rtol=1e-4)
