@@ -358,3 +358,19 @@ def test_image_sizes_from_pixel_mask_drive_post_processing():
     for ours, reference in zip(results, explicit):
         assert ours["segmentation"].shape[-2:] == reference["segmentation"].shape[-2:]
         assert torch.equal(ours["segmentation"], reference["segmentation"])
+
+
+def test_other_transformers_backbone():
+    """Any AutoBackbone returning strides 8/16/32 plugs in (upstream issue #42), e.g. ConvNeXt."""
+    from transformers import ConvNextConfig
+
+    backbone = ConvNextConfig(
+        hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+    )
+    model = FastInstForInstanceSegmentation(tiny_config(backbone_config=backbone)).eval()
+    assert type(model.model.backbone).__name__ == "ConvNextBackbone"
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 96, 128))
+    assert output.masks_queries_logits.shape == (1, 20, 12, 16)
+    config = FastInstConfig.from_dict(model.config.to_dict())
+    assert config.backbone_config.model_type == "convnext"
