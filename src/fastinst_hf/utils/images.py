@@ -7,6 +7,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError, one_line
@@ -48,12 +49,20 @@ def collect_image_paths(sources: Sequence[str]) -> list[Path]:
     return paths
 
 
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grayscale (PIL modes "I;16*", and "I" as 16-bit PNGs may open) is scaled with
+    `round(x / 257)` as the image processor scales uint16 arrays; `convert("RGB")` would clip it to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8), mode="L")
+    return image.convert("RGB")
+
+
 def load_image(path: Path) -> Image.Image:
     """The image at `path` as an RGB PIL image, EXIF orientation applied; raises `OSError` naming an unreadable file."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot read image {path}: {one_line(error)}") from error
 
