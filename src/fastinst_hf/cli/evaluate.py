@@ -63,6 +63,11 @@ def run(args: argparse.Namespace) -> int:
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
     model, processor, model_dir = load_model_and_processor(args.model)
     dataset.transform = eval_transform(processor)
+    if model.config.num_labels > len(dataset.id2label):
+        raise InputError(
+            f"the model predicts {model.config.num_labels} labels but {args.coco_json} has "
+            f"{len(dataset.id2label)} categories: its predictions can not all be mapped to a category"
+        )
     if {int(k): v for k, v in model.config.id2label.items()} != dataset.id2label:
         accelerator.print(
             f"warning: the model's labels {model.config.id2label} differ from the dataset's {dataset.id2label}; "

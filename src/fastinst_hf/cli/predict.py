@@ -117,11 +117,11 @@ def predict_and_write(
         return
     for (path, stem, image), (masks, labels, scores) in zip(loaded, zip(*results)):
         record = write_outputs(model, model_dir, image, path, output_dir / stem, masks, labels, scores, timings, args)
+        yield path  # counted at once: a Ctrl-C while printing must not leave written files out of the summary
         echo(
             f"{path}: {len(record['instances'])} instances | preprocess {timings['preprocess']:.1f} ms | "
             f"inference {timings['inference']:.1f} ms | postprocess {timings['postprocess']:.1f} ms"
         )
-        yield path
 
 
 def write_outputs(model, model_dir, image, path, output_stem: Path, masks, labels, scores, timings, args) -> dict:
