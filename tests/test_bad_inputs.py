@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from fastinst_hf import FastInstForInstanceSegmentation, FastInstImageProcessor
 from fastinst_hf.cli import main
 from fastinst_hf.conversion.official import save_converted
+from fastinst_hf.inference.resolve import ModelResolutionError, fetch_official_model
 from fastinst_hf.utils.images import collect_image_paths, load_image
 
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -693,3 +694,9 @@ def test_glob_does_not_follow_folder_symlinks(tmp_path):
     env = Env(tmp_path, tmp_path)
     pattern = symlink_loop(env)
     assert collect_image_paths([pattern]) == [tmp_path / "loop/a.png", tmp_path / "loop/sub/b.png"]
+
+
+def test_failed_variant_download_leaves_no_cache_folder(tmp_path):
+    with pytest.raises(ModelResolutionError, match="could not download"):
+        fetch_official_model("fastinst-d1-r50", cache_dir=tmp_path, url=(tmp_path / "missing.pth").as_uri())
+    assert list(tmp_path.iterdir()) == []
