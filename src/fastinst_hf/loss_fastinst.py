@@ -8,10 +8,14 @@ the same shapes as upstream, so that tests can replay the official draws.
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
+from transformers.utils import is_scipy_available, requires_backends
 
 from .configuration_fastinst import FastInstConfig
+
+# scipy is only needed to train: inference (and `trust_remote_code` loading) works without it.
+if is_scipy_available():
+    from scipy.optimize import linear_sum_assignment
 
 MatchingIndices = list[tuple[Tensor, Tensor]]
 
@@ -156,6 +160,12 @@ def _matched_target_classes(indices: MatchingIndices, class_labels: list[Tensor]
     return torch.cat([labels[tgt.to(labels.device)] for labels, (_, tgt) in zip(class_labels, indices)])
 
 
+
+def hungarian_assignment(cost: Tensor):
+    """Minimum-cost matching of a `[num_rows, num_columns]` cost matrix: (row indices, column indices)."""
+    requires_backends(hungarian_assignment, ["scipy"])
+    return linear_sum_assignment(cost.cpu())
+
 class FastInstHungarianMatcher(nn.Module):
     """Bipartite matching between the predicted instances and the ground truth (upstream `HungarianMatcher`).
 
@@ -221,7 +231,7 @@ class FastInstHungarianMatcher(nn.Module):
                 + self.cost_dice * cost_dice
                 + self.cost_location * cost_location
             )
-            pred_idx, target_idx = linear_sum_assignment(cost.cpu())
+            pred_idx, target_idx = hungarian_assignment(cost)
             indices.append(_as_index_pair(pred_idx, target_idx))
         return indices
 
@@ -263,7 +273,7 @@ class FastInstProposalMatcher(nn.Module):
             cost_location = -inside.flatten(1).T.float()
             cost_class = -probs[:, class_labels[b].to(probs.device)]
             cost = self.cost_class * cost_class + self.cost_location * cost_location
-            cell_idx, target_idx = linear_sum_assignment(cost.cpu())
+            cell_idx, target_idx = hungarian_assignment(cost)
             indices.append(_as_index_pair(cell_idx, target_idx))
         return indices
 
