@@ -160,11 +160,11 @@ def _matched_target_classes(indices: MatchingIndices, class_labels: list[Tensor]
     return torch.cat([labels[tgt.to(labels.device)] for labels, (_, tgt) in zip(class_labels, indices)])
 
 
-
 def hungarian_assignment(cost: Tensor):
     """Minimum-cost matching of a `[num_rows, num_columns]` cost matrix: (row indices, column indices)."""
     requires_backends(hungarian_assignment, ["scipy"])
     return linear_sum_assignment(cost.cpu())
+
 
 class FastInstHungarianMatcher(nn.Module):
     """Bipartite matching between the predicted instances and the ground truth (upstream `HungarianMatcher`).

@@ -571,7 +571,10 @@ class FastInstPreTrainedModel(PreTrainedModel):
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_fastinst.FastInstConfig",
             "AutoModel": "modeling_fastinst.FastInstModel",
-            **{auto_class: "modeling_fastinst.FastInstForInstanceSegmentation" for auto_class in SEGMENTATION_AUTO_CLASSES},
+            **{
+                auto_class: "modeling_fastinst.FastInstForInstanceSegmentation"
+                for auto_class in SEGMENTATION_AUTO_CLASSES
+            },
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
@@ -818,7 +821,9 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             auxiliary_logits + [final], outputs.proposal_logits, locations, mask_labels, class_labels
         )
         # The matching indices vary in size with the number of targets: they stay out of the returned outputs.
-        returned = [{key: value for key, value in entry.items() if key != "matching_indices"} for entry in auxiliary_logits]
+        returned = [
+            {key: value for key, value in entry.items() if key != "matching_indices"} for entry in auxiliary_logits
+        ]
         return loss_dict, returned
 
     def gt_mask_guided_predictions(
