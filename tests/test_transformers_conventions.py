@@ -3,6 +3,10 @@
 config, attentions, gradient checkpointing, Trainer prediction tuple, image-processor round trip and kwargs)."""
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 
 import numpy as np
 import pytest
@@ -335,3 +339,72 @@ def test_example_script_call_with_fixed_size_and_reduced_labels(processor_class)
     instances[45:, :] = 255
     voided = processor(images=[image], segmentation_maps=[instances], instance_id_to_semantic_id=mapping)
     assert voided["class_labels"][0].tolist() == [0, 3, 5]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Remote code with only torch, torchvision, transformers, pillow and safetensors
+# ---------------------------------------------------------------------------------------------------------------------
+REMOTE_CODE_SCRIPT = """
+import sys
+for name in sys.argv[3].split(","):
+    sys.modules[name] = None  # `import name` now fails, and transformers sees the package as absent
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, pipeline
+
+folder, copy = sys.argv[1], sys.argv[2]
+image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+"""
+
+
+def run_remote_code(folder, tmp_path, blocked: str, body: str) -> str:
+    script = REMOTE_CODE_SCRIPT + textwrap.dedent(body)
+    # A private dynamic-module cache: the default one is shared by every process on the machine.
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
+    args = [sys.executable, "-c", script, str(folder), str(tmp_path / "copy"), blocked]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_remote_code_without_scipy_and_training_extras(saved_folder, tmp_path):
+    """Loads, predicts through the pipeline, saves and reloads as remote code where fastinst_hf and every training /
+    evaluation dependency are missing; training then says it needs scipy."""
+    blocked = "fastinst_hf,scipy,accelerate,datasets,evaluate,pycocotools,faster_coco_eval"
+    body = """
+        model = AutoModelForUniversalSegmentation.from_pretrained(folder, trust_remote_code=True)
+        assert "transformers_modules" in type(model).__module__
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
+        results = segmenter(image, subtask="instance", threshold=0.0)
+        assert results and results[0]["mask"].size == image.size
+        # what `trainer.save_model()` does with remote code: both save, and the copy loads again
+        model.save_pretrained(copy)
+        processor.save_pretrained(copy)
+        reloaded = AutoImageProcessor.from_pretrained(copy, trust_remote_code=True)
+        assert reloaded.to_dict() == processor.to_dict()
+        AutoModelForUniversalSegmentation.from_pretrained(copy, trust_remote_code=True)
+        inputs = processor(images=image, return_tensors="pt")
+        try:
+            model.train()(**inputs, mask_labels=[torch.ones(1, *inputs["pixel_values"].shape[-2:])], class_labels=[torch.zeros(1, dtype=torch.long)])
+        except ImportError as error:
+            print("training:", error)
+        """
+    stdout = run_remote_code(saved_folder, tmp_path, blocked, body)
+    assert "training:" in stdout and "scipy" in stdout
+
+
+def test_pil_processor_without_torchvision(saved_folder, tmp_path):
+    body = """
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")
+        assert type(processor).__name__ == "FastInstImageProcessorPil"
+        inputs = processor(images=image, return_tensors="pt")
+        outputs = type("Outputs", (), {})()
+        outputs.class_queries_logits = torch.randn(1, 10, 4)
+        outputs.masks_queries_logits = torch.randn(1, 10, *(s // 8 for s in inputs["pixel_values"].shape[-2:]))
+        result = processor.post_process_instance_segmentation(outputs, threshold=0.0, target_sizes=[(60, 90)])[0]
+        print(tuple(inputs["pixel_values"].shape), tuple(result["segmentation"].shape))
+        """
+    stdout = run_remote_code(saved_folder, tmp_path, "fastinst_hf,torchvision", body)
+    assert stdout.split("\n")[-2] == "(1, 3, 64, 96) (60, 90)"
