@@ -10,14 +10,14 @@ import numpy as np
 import pytest
 import torch
 from datasets import load_dataset
+from test_transformers_conventions import tiny_config
 from transformers import AutoImageProcessor, AutoModelForUniversalSegmentation, Trainer, TrainingArguments
 
 from fastinst_hf import FastInstForInstanceSegmentation, FastInstImageProcessor
-from fastinst_hf.data import decode_segmentation
+from fastinst_hf.data.coco import decode_segmentation
+from fastinst_hf.data.example_format import write_example_dataset
+from fastinst_hf.data.synthetic import make_shapes_dataset
 from fastinst_hf.evaluation.coco_mask_ap import METRIC_PATH
-from fastinst_hf.example_format import write_example_dataset
-from fastinst_hf.synthetic import make_shapes_dataset
-from test_transformers_conventions import tiny_config
 
 
 @pytest.fixture(scope="module")

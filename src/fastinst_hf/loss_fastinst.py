@@ -13,7 +13,8 @@ from transformers.utils import is_scipy_available, requires_backends
 
 from .configuration_fastinst import FastInstConfig
 
-# scipy is only needed to train: inference (and `trust_remote_code` loading) works without it.
+# scipy is only needed to train: inference (and `trust_remote_code` loading) works without it. A guarded module-level
+# import, because transformers' remote-code check requires every import of a file, even one inside a function.
 if is_scipy_available():
     from scipy.optimize import linear_sum_assignment
 
@@ -152,18 +153,15 @@ def _prediction_index(indices: MatchingIndices, device: torch.device) -> tuple[T
     return batch_idx.to(device), src_idx.to(device)
 
 
-def _as_index_pair(pred_idx, target_idx) -> tuple[Tensor, Tensor]:
-    return torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64)
+def _hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum-cost assignment of a `[rows, cols]` cost matrix: (row indices, column indices), int64 on the CPU."""
+    requires_backends(_hungarian_match, ["scipy"])
+    rows, cols = linear_sum_assignment(cost.cpu())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 def _matched_target_classes(indices: MatchingIndices, class_labels: list[Tensor]) -> Tensor:
     return torch.cat([labels[tgt.to(labels.device)] for labels, (_, tgt) in zip(class_labels, indices)])
-
-
-def hungarian_assignment(cost: Tensor):
-    """Minimum-cost matching of a `[num_rows, num_columns]` cost matrix: (row indices, column indices)."""
-    requires_backends(hungarian_assignment, ["scipy"])
-    return linear_sum_assignment(cost.cpu())
 
 
 class FastInstHungarianMatcher(nn.Module):
@@ -231,8 +229,7 @@ class FastInstHungarianMatcher(nn.Module):
                 + self.cost_dice * cost_dice
                 + self.cost_location * cost_location
             )
-            pred_idx, target_idx = hungarian_assignment(cost)
-            indices.append(_as_index_pair(pred_idx, target_idx))
+            indices.append(_hungarian_match(cost))
         return indices
 
 
@@ -273,8 +270,7 @@ class FastInstProposalMatcher(nn.Module):
             cost_location = -inside.flatten(1).T.float()
             cost_class = -probs[:, class_labels[b].to(probs.device)]
             cost = self.cost_class * cost_class + self.cost_location * cost_location
-            cell_idx, target_idx = hungarian_assignment(cost)
-            indices.append(_as_index_pair(cell_idx, target_idx))
+            indices.append(_hungarian_match(cost))
         return indices
 
 

@@ -13,8 +13,7 @@ import evaluate
 import numpy as np
 import pycocotools.mask as mask_util
 
-from fastinst_hf.evaluation import CocoMaskEvaluator
-from fastinst_hf.evaluation.evaluator import unpack_prediction
+from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator, unpack_prediction
 
 _DESCRIPTION = """COCO mask AP (AP, AP50, AP75, APs, APm, APl, in percent) of instance segmentation predictions against
 reference instance masks, with faster-coco-eval (the same numbers as pycocotools). Masks are run-length encoded when

@@ -16,7 +16,7 @@ import datasets
 import numpy as np
 from PIL import Image
 
-from .data import decode_segmentation, load_coco_json
+from .coco import decode_segmentation, load_coco_json
 
 BACKGROUND = "background"
 
