@@ -342,7 +342,7 @@ def test_example_script_call_with_fixed_size_and_reduced_labels(processor_class)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Remote code with only torch, torchvision, transformers, pillow and safetensors
+# Remote code without torchvision for the PIL processor (without scipy & co: test_auto_and_pipeline.py)
 # ---------------------------------------------------------------------------------------------------------------------
 REMOTE_CODE_SCRIPT = """
 import sys
@@ -366,33 +366,6 @@ def run_remote_code(folder, tmp_path, blocked: str, body: str) -> str:
     completed = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env)
     assert completed.returncode == 0, completed.stderr[-3000:]
     return completed.stdout
-
-
-def test_remote_code_without_scipy_and_training_extras(saved_folder, tmp_path):
-    """Loads, predicts through the pipeline, saves and reloads as remote code where fastinst_hf and every training /
-    evaluation dependency are missing; training then says it needs scipy."""
-    blocked = "fastinst_hf,scipy,accelerate,datasets,evaluate,pycocotools,faster_coco_eval"
-    body = """
-        model = AutoModelForUniversalSegmentation.from_pretrained(folder, trust_remote_code=True)
-        assert "transformers_modules" in type(model).__module__
-        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
-        segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
-        results = segmenter(image, subtask="instance", threshold=0.0)
-        assert results and results[0]["mask"].size == image.size
-        # what `trainer.save_model()` does with remote code: both save, and the copy loads again
-        model.save_pretrained(copy)
-        processor.save_pretrained(copy)
-        reloaded = AutoImageProcessor.from_pretrained(copy, trust_remote_code=True)
-        assert reloaded.to_dict() == processor.to_dict()
-        AutoModelForUniversalSegmentation.from_pretrained(copy, trust_remote_code=True)
-        inputs = processor(images=image, return_tensors="pt")
-        try:
-            model.train()(**inputs, mask_labels=[torch.ones(1, *inputs["pixel_values"].shape[-2:])], class_labels=[torch.zeros(1, dtype=torch.long)])
-        except ImportError as error:
-            print("training:", error)
-        """
-    stdout = run_remote_code(saved_folder, tmp_path, blocked, body)
-    assert "training:" in stdout and "scipy" in stdout
 
 
 def test_pil_processor_without_torchvision(saved_folder, tmp_path):
