@@ -3,6 +3,9 @@ scripts (`image`, `annotation` PNG with R = semantic id and G = instance id, `se
 scripts do it: processor call per image, list-of-masks collator, unbatched evaluation with a COCO mask AP metric."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import evaluate
@@ -130,3 +133,16 @@ def test_trainer_trains_evaluates_and_saves(example_dataset, tmp_path):
     reloaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "final")
     assert reloaded.config.id2label == {0: "ellipse_0", 1: "rectangle_1", 2: "triangle_2"}
     assert AutoImageProcessor.from_pretrained(tmp_path / "final").size == {"height": 64, "width": 64}
+
+
+def test_prepare_script_writes_dataset_and_remote_code_model(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "scripts" / "prepare_example_script_run.py"
+    args = [sys.executable, str(script), str(tmp_path), "--train-images", "2", "--val-images", "1", "--size", "64"]
+    completed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "run_instance_segmentation_no_trainer.py" in completed.stdout
+    dataset = load_dataset(str(tmp_path / "dataset"), cache_dir=str(tmp_path / "cache"))
+    assert dataset["train"].num_rows == 2 and dataset["validation"].num_rows == 1
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert "AutoModelForUniversalSegmentation" in config["auto_map"]
+    assert (tmp_path / "model" / "modeling_fastinst.py").is_file()
