@@ -504,7 +504,8 @@ def test_wide_and_tall_images_are_segmented_at_their_size(tiny_model, tmp_path, 
     )
     for stem, size in (("wide", [3, 10000]), ("tall", [10000, 3])):
         record = json.loads((tmp_path / "out" / f"{stem}.json").read_text())
-        assert record["instances"], "threshold 0 keeps the random model's non-empty masks"
+        assert [record["height"], record["width"]] == size
+        assert Image.open(tmp_path / "out" / f"{stem}_overlay.png").size == (size[1], size[0])
         assert all(instance["segmentation"]["size"] == size for instance in record["instances"])
 
 

@@ -149,7 +149,7 @@ class CocoMaskEvaluator:
     def compute(self) -> dict[str, float]:
         """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; NaN for an area range without GT."""
         if not self.results:
-            raise ValueError("CocoMaskEvaluator.compute() called before any update()")
+            raise ValueError("no image was evaluated: CocoMaskEvaluator.compute() called before any update()")
         detections = [det for results in self.results.values() for det in results]
         if not self.num_annotations:
             return {name: float("nan") for name in METRIC_NAMES}
