@@ -41,8 +41,11 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory) -> Path:
+    """20 queries: more than the 12 stride-16 cells of a 3x10000 strip resized to the test size (1x96, padded 32x96)."""
     torch.manual_seed(0)
-    return save_converted(FastInstForInstanceSegmentation(tiny_config()), tmp_path_factory.mktemp("tiny") / "model")
+    return save_converted(
+        FastInstForInstanceSegmentation(tiny_config(num_queries=20)), tmp_path_factory.mktemp("tiny") / "model"
+    )
 
 
 def random_image(size_hw=(40, 56), mode="RGB", seed=0) -> Image.Image:
