@@ -4,7 +4,13 @@ Importing the package registers FastInst with the transformers Auto classes (`Au
 `AutoModelForInstanceSegmentation`, `AutoModelForImageSegmentation` used by `pipeline("image-segmentation")`,
 `AutoBackbone` for the ResNet-vd-DCN backbone and `AutoImageProcessor`). Saved folders also carry `auto_map` and the
 code files, so they load with `trust_remote_code=True` where this package is not installed.
+
+`DEFAULT_MODEL` is the folder of the small demo model bundled with the package (trained on synthetic shapes, see its
+README.md; not a model for photographs) and `DEMO_IMAGES` the three bundled images it was made for: both are plain
+paths, so `from_pretrained(DEFAULT_MODEL)` works offline from any installation.
 """
+
+from pathlib import Path
 
 from transformers import (
     AutoBackbone,
@@ -33,6 +39,10 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
+_ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = str(_ASSETS / "default_model")
+DEMO_IMAGES = tuple(str(_ASSETS / "demo" / f"shapes_{k}.png") for k in (1, 2, 3))
+
 # `save_pretrained` copies the code files and writes `auto_map` for classes registered here.
 FastInstConfig.register_for_auto_class()
 FastInstModel.register_for_auto_class("AutoModel")
@@ -40,6 +50,8 @@ FastInstForInstanceSegmentation.register_for_auto_class("AutoModelForInstanceSeg
 FastInstImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "DEFAULT_MODEL",
+    "DEMO_IMAGES",
     "VARIANTS",
     "FastInstConfig",
     "FastInstResNetVdConfig",
