@@ -8,8 +8,8 @@ import torch
 from PIL import Image, ImageFont
 
 from fastinst_hf import FastInstForInstanceSegmentation, FastInstImageProcessor
-from fastinst_hf.hub_models import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR
-from fastinst_hf.visualize import draw_instances, layout_tags, mask_contour, overlay_sizes, text_colour
+from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR
+from fastinst_hf.utils.visualize import draw_instances, layout_tags, mask_contour, overlay_sizes, text_colour
 
 DEFAULT_THRESHOLD = 0.5  # `fastinst-hf predict --threshold`
 

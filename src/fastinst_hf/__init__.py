@@ -39,6 +39,7 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
+__version__ = "0.1.0"
 _ASSETS = Path(__file__).parent / "assets"
 DEFAULT_MODEL = str(_ASSETS / "default_model")
 DEMO_IMAGES = tuple(str(_ASSETS / "demo" / f"shapes_{k}.png") for k in (1, 2, 3))
@@ -50,6 +51,7 @@ FastInstForInstanceSegmentation.register_for_auto_class("AutoModelForInstanceSeg
 FastInstImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "__version__",
     "DEFAULT_MODEL",
     "DEMO_IMAGES",
     "VARIANTS",
