@@ -10,6 +10,7 @@ import torch
 from ..inference.benchmark import benchmark, format_table
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
+from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
 from ..utils.images import load_image
@@ -21,7 +22,7 @@ def add_parser(commands) -> None:
         "benchmark",
         help="time each stage of the model on one image",
         description="Per-stage latency (median / p90 ms) and FPS of a FastInst model on one image, batch size 1.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
     parser.add_argument("--image", default=None, help="image file (default: the first bundled demo image)")
