@@ -37,7 +37,7 @@ def test_annotation_png_holds_semantic_and_instance_ids(example_dataset):
     dataset, validation_json = example_dataset
     coco = json.loads(validation_json.read_text())
     example = dataset["validation"][0]
-    assert example["semantic_class_to_id"] == {"background": 0, "ellipse_0": 1, "rectangle_1": 2, "triangle_2": 3}
+    assert example["semantic_class_to_id"] == {"background": 0, "ellipse": 1, "rectangle": 2, "triangle": 3}
     annotation = np.array(example["annotation"])
     for instance_id, instance in enumerate([a for a in coco["annotations"] if a["image_id"] == 1], start=1):
         mask = decode_segmentation(instance["segmentation"], 64, 64).astype(bool)
@@ -131,7 +131,7 @@ def test_trainer_trains_evaluates_and_saves(example_dataset, tmp_path):
     assert np.isfinite(metrics["eval_loss"]) and 0 <= metrics["eval_AP"] <= 100
     trainer.save_model(str(tmp_path / "final"))
     reloaded = AutoModelForUniversalSegmentation.from_pretrained(tmp_path / "final")
-    assert reloaded.config.id2label == {0: "ellipse_0", 1: "rectangle_1", 2: "triangle_2"}
+    assert reloaded.config.id2label == {0: "ellipse", 1: "rectangle", 2: "triangle"}
     assert AutoImageProcessor.from_pretrained(tmp_path / "final").size == {"height": 64, "width": 64}
 
 
