@@ -3,7 +3,7 @@
 
 import sys
 
-from fastinst_hf.benchmark import main
+from fastinst_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["benchmark", *sys.argv[1:]]))

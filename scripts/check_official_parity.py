@@ -302,7 +302,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    from fastinst_hf.convert_fastinst import convert_checkpoint
+    from fastinst_hf.conversion.official import convert_checkpoint
 
     folder = args.fixture
     meta = json.loads((folder / "meta.json").read_text())

@@ -11,7 +11,7 @@ Same as `fastinst-hf convert`.
 
 import sys
 
-from fastinst_hf.convert_fastinst import main
+from fastinst_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["convert", *sys.argv[1:]]))

@@ -7,7 +7,7 @@
 
 import sys
 
-from fastinst_hf.evaluate_model import main
+from fastinst_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["evaluate", *sys.argv[1:]]))

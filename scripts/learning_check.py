@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Does training learn? Train a small FastInst on CPU for a few minutes and compare val mask AP before and after.
 
-Generates the random-shapes dataset (`fastinst_hf.synthetic.make_shapes_dataset`, split by image into train/val),
+Generates the random-shapes dataset (`fastinst_hf.data.synthetic.make_shapes_dataset`, split by image into train/val),
 evaluates the randomly initialised model (the exact weights training starts from), trains with
-`fastinst_hf.training` and evaluates again. With `--nuclei-wheel` (the stardist wheel, e.g. from
+`fastinst_hf.training.loop` and evaluates again. With `--nuclei-wheel` (the stardist wheel, e.g. from
 `pip download stardist --no-deps -d /tmp/sd`; never commit it) it does the same on 128x128 nuclei tiles.
 
     OMP_NUM_THREADS=1 python scripts/learning_check.py --steps 600
@@ -25,11 +25,14 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
-from fastinst_hf.data import coco_categories
-from fastinst_hf.evaluate_model import build_eval_dataloader, build_eval_dataset, evaluate, processor_for_config
-from fastinst_hf.evaluation import CocoMaskEvaluator
-from fastinst_hf.synthetic import make_nuclei_dataset, make_shapes_dataset, split_coco
-from fastinst_hf.training import build_model, parse_args, train
+from fastinst_hf.data.coco import coco_categories
+from fastinst_hf.data.synthetic import make_nuclei_dataset, make_shapes_dataset, split_coco
+from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
+from fastinst_hf.evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate
+from fastinst_hf.image_processing_fastinst import image_processor_for_config
+from fastinst_hf.training.arguments import parse_args
+from fastinst_hf.training.loop import train
+from fastinst_hf.training.model_init import build_model
 
 # A small model that learns in minutes on a CPU: ResNet with one bottleneck per stage, 64-wide decoder.
 SMALL_CONFIG = {
@@ -55,10 +58,10 @@ SMALL_CONFIG = {
 
 
 def untrained_ap(config_overrides: dict, data: dict, seed: int) -> dict[str, float]:
-    """Val AP of the model `fastinst_hf.training` starts from (same seed, so the same initial weights)."""
+    """Val AP of the model `fastinst_hf.training.loop` starts from (same seed, so the same initial weights)."""
     set_seed(seed)
     model = build_model("config", config_overrides, coco_categories(data["train_json"]).id2label, log=lambda m: None)
-    processor = processor_for_config(model.config)
+    processor = image_processor_for_config(model.config)
     dataset = build_eval_dataset(data["val_json"], data["images"], processor)
     evaluator = CocoMaskEvaluator(data["val_json"], dataset.label_to_category_id)
     return evaluate(model, processor, build_eval_dataloader(dataset), evaluator)

@@ -2,12 +2,12 @@
 """Train FastInst on a COCO-format dataset; options: `python scripts/train.py --help`.
 
 Single process:  python scripts/train.py --train-json ... --train-images ... --output-dir runs/x
-Data-parallel:   accelerate launch scripts/train.py ...   (CPU only: see fastinst_hf/training.py)
+Data-parallel:   accelerate launch scripts/train.py ...   (CPU only: see fastinst_hf/training/loop.py)
 """
 
 import sys
 
-from fastinst_hf.training import main
+from fastinst_hf.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["train", *sys.argv[1:]]))

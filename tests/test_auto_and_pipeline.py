@@ -19,7 +19,7 @@ from transformers import (
 )
 
 import fastinst_hf
-from fastinst_hf.convert_fastinst import convert_checkpoint, save_converted
+from fastinst_hf.conversion.official import convert_checkpoint, save_converted
 
 VARIANT = "d1_r50slim_small"
 

@@ -10,13 +10,17 @@ import torch
 from PIL import Image
 from transformers import ResNetConfig
 
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, hub_models
-from fastinst_hf.benchmark import synchronize
-from fastinst_hf.cli import load_image, load_model, main, predict_image
-from fastinst_hf.convert_fastinst import config_from_detectron2, save_converted
-from fastinst_hf.hub_models import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
-from fastinst_hf.synthetic import make_shapes_dataset
-from fastinst_hf.visualize import draw_instances, mask_contour
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf.cli import main
+from fastinst_hf.conversion.official import config_from_detectron2, save_converted
+from fastinst_hf.data.synthetic import make_shapes_dataset
+from fastinst_hf.inference import resolve as hub_models
+from fastinst_hf.inference.loading import load_model_and_processor
+from fastinst_hf.inference.predict import predict_image
+from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
+from fastinst_hf.utils.device import synchronize
+from fastinst_hf.utils.images import load_image
+from fastinst_hf.utils.visualize import draw_instances, mask_contour
 
 FIXTURE = Path(__file__).parent / "fixtures" / "d1_r50slim_small"
 
@@ -82,7 +86,7 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
     assert record["image"] == str(image_path) and (record["height"], record["width"]) == (72, 96)
     assert record["instances"], "threshold 0 keeps every non-empty mask of the random model"
 
-    model, processor, _ = load_model(str(tiny_model_dir), torch.device("cpu"))
+    model, processor, _ = load_model_and_processor(str(tiny_model_dir), torch.device("cpu"))
     masks, labels, scores, _ = predict_image(model, processor, load_image(image_path), torch.device("cpu"), 0.0, None)
     assert len(record["instances"]) == len(masks)
     for instance, mask, label, score in zip(record["instances"], masks, labels, scores):
@@ -209,7 +213,7 @@ def test_evaluate_prints_the_ap_table(tiny_model_dir, tmp_path, capsys):
     assert "--coco-json: file not found" in capsys.readouterr().err
 
 
-def test_convert_is_forwarded(tmp_path, capsys):
+def test_convert_command(tmp_path, capsys):
     out = tmp_path / "converted"
     argv = ["convert", "--checkpoint", str(FIXTURE / "model_state_dict.pt"), "--config", str(FIXTURE / "config.yaml")]
     assert main([*argv, "--output-dir", str(out)]) == 0
@@ -231,13 +235,15 @@ def test_convert_is_forwarded(tmp_path, capsys):
     )
 
 
-def test_train_is_forwarded(monkeypatch):
-    import fastinst_hf.training
+def test_train_command_validates_then_trains(monkeypatch, tmp_path):
+    import fastinst_hf.cli.train
 
     seen = []
-    monkeypatch.setattr(fastinst_hf.training, "main", lambda argv: seen.append(argv) or 0)
-    assert main(["train", "--train-json", "t.json", "--max-steps", "3"]) == 0
-    assert seen == [["--train-json", "t.json", "--max-steps", "3"]]
+    monkeypatch.setattr(fastinst_hf.cli.train, "train", seen.append)
+    (tmp_path / "t.json").write_text("{}")
+    argv = ["train", "--train-json", str(tmp_path / "t.json"), "--train-images", str(tmp_path)]
+    assert main([*argv, "--output-dir", str(tmp_path / "run"), "--max-steps", "3"]) == 0
+    assert len(seen) == 1 and seen[0].max_steps == 3 and seen[0].config_overrides == {}
 
 
 def test_benchmark_prints_a_stage_table(tiny_model_dir, image_dir, capsys):
@@ -263,7 +269,7 @@ def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
     import onnxruntime
 
     from fastinst_hf import FastInstForInstanceSegmentation
-    from fastinst_hf.hub_models import resolve_model
+    from fastinst_hf.inference.resolve import resolve_model
 
     output = tmp_path / "default.onnx"
     assert main(["export", "--output", str(output)]) == 0

@@ -7,15 +7,20 @@ import torch
 from conftest import FIXTURES, fixture_pixel_values
 
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
-from fastinst_hf.convert_fastinst import (
+from fastinst_hf.cli import main as cli_main
+from fastinst_hf.conversion.official import (
     CheckpointConversionError,
     config_from_detectron2,
     convert_checkpoint,
     load_official_checkpoint,
-    main,
     official_checkpoint_url,
     rename_official_key,
 )
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["convert", *argv])
+
 
 D1 = FIXTURES / "d1_r50slim_small"
 D3 = FIXTURES / "d3_r50slim_small"
@@ -146,7 +151,7 @@ def test_torchvision_imagenet_backbone_weights_load_exactly(tmp_path):
     import torchvision
 
     from fastinst_hf import FastInstModel
-    from fastinst_hf.convert_fastinst import load_imagenet_backbone
+    from fastinst_hf.conversion.imagenet import load_imagenet_backbone
 
     torch.manual_seed(0)
     resnet = torchvision.models.resnet50().eval()
@@ -181,7 +186,7 @@ def test_torchvision_imagenet_backbone_weights_load_exactly(tmp_path):
 def test_timm_resnet_d_weights_load_into_the_vd_backbone(tmp_path):
     """timm's resnet50d names are the vd backbone's; the deformable offsets, absent from ImageNet weights, are zero."""
     from fastinst_hf import FastInstModel
-    from fastinst_hf.convert_fastinst import load_imagenet_backbone
+    from fastinst_hf.conversion.imagenet import load_imagenet_backbone
 
     model = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn"))
     state = {k: v.clone().normal_() for k, v in model.backbone.state_dict().items() if "conv2_offset" not in k}

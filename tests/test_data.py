@@ -11,15 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fastinst_hf.data import (
-    CocoInstanceDataset,
-    FastInstCollator,
-    FastInstEvalTransform,
-    FastInstTrainTransform,
-    HFCocoInstanceDataset,
-    coco_to_hf_dataset,
-)
-from fastinst_hf.synthetic import (
+from fastinst_hf.data.collate import FastInstCollator
+from fastinst_hf.data.datasets import CocoInstanceDataset, HFCocoInstanceDataset, coco_to_hf_dataset
+from fastinst_hf.data.synthetic import (
     STARDIST_IMAGE_MEMBER,
     STARDIST_LABELS_MEMBER,
     load_stardist_nuclei,
@@ -27,6 +21,7 @@ from fastinst_hf.synthetic import (
     make_shapes_dataset,
     split_coco,
 )
+from fastinst_hf.data.transforms import FastInstEvalTransform, FastInstTrainTransform
 
 H, W = 20, 30
 

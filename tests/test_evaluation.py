@@ -8,9 +8,10 @@ import torch
 from pycocotools.coco import COCO as PyCOCO
 from pycocotools.cocoeval import COCOeval as PyCOCOeval
 
-from fastinst_hf.data import CocoInstanceDataset, decode_segmentation, load_coco_json
-from fastinst_hf.evaluation import CocoMaskEvaluator
-from fastinst_hf.synthetic import make_shapes_dataset
+from fastinst_hf.data.coco import decode_segmentation, load_coco_json
+from fastinst_hf.data.datasets import CocoInstanceDataset
+from fastinst_hf.data.synthetic import make_shapes_dataset
+from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
 
 
 @pytest.fixture(scope="module")

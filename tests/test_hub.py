@@ -7,8 +7,8 @@ from conftest import FIXTURES
 from huggingface_hub import CommitOperationAdd
 
 from fastinst_hf import FastInstConfig
-from fastinst_hf.convert_fastinst import main as convert_main
-from fastinst_hf.hub import render_model_card
+from fastinst_hf.cli import main as cli_main
+from fastinst_hf.hub.model_card import render_model_card
 
 
 @pytest.fixture
@@ -55,8 +55,9 @@ def test_model_card_for_an_official_variant():
 
 def test_converter_push_to_hub_sends_one_complete_commit(tmp_path, fake_hub):
     variant = FIXTURES / "d1_r50slim_small"
-    code = convert_main(
+    code = cli_main(
         [
+            "convert",
             "--checkpoint",
             str(variant / "model_state_dict.pt"),
             "--config",

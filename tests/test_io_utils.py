@@ -5,7 +5,7 @@ import stat
 
 import pytest
 
-from fastinst_hf.io_utils import atomic_path, atomic_write_text
+from fastinst_hf.utils.files import atomic_path, atomic_write_text
 
 
 def test_failed_write_keeps_the_previous_file(tmp_path):

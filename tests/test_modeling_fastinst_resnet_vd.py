@@ -1,7 +1,7 @@
 """Tests of the ResNet-vd-DCN backbone of the official R50-vd-DCN FastInst checkpoints.
 
 The references are independent of the module under test: the official key list is rebuilt from the checkpoint
-description (docs/fastinst_reference.md §6.2), the deformable convolution is checked against plain convolutions,
+description (the upstream ResNet-vd-DCN backbone, `fastinst/modeling/backbone/resnet_vd.py`), the deformable convolution is checked against plain convolutions,
 a hand-computed bilinear sample and a `grid_sample` implementation, and the whole backbone against a functional
 ResNet-D written here from `torch.nn.functional` ops.
 """

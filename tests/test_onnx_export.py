@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from test_modeling_fastinst import tiny_config
 
 from fastinst_hf import FastInstForInstanceSegmentation
+from fastinst_hf.inference.onnx_export import OUTPUT_NAMES, export_onnx
 from fastinst_hf.modeling_fastinst import adaptive_average_pooling_matrix
-from fastinst_hf.onnx_export import OUTPUT_NAMES, export_onnx
 
 
 @pytest.mark.parametrize("size, pool", [(8, 1), (11, 2), (11, 3), (7, 6), (5, 6), (23, 6)])

@@ -11,21 +11,20 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, training
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf.cli import main as cli_main
+from fastinst_hf.data.synthetic import make_shapes_dataset, split_coco
 from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
-from fastinst_hf.synthetic import make_shapes_dataset, split_coco
-from fastinst_hf.training import (
-    CLASS_HEAD_KEY_PARTS,
-    MetricsLog,
-    accelerator_kwargs_handlers,
-    build_model,
-    build_param_groups,
-    build_scheduler,
-    init_config,
-    latest_checkpoint,
-    main,
-    save_final_model,
-)
+from fastinst_hf.training import loop
+from fastinst_hf.training.checkpoints import latest_checkpoint, save_final_model
+from fastinst_hf.training.metrics_log import MetricsLog
+from fastinst_hf.training.model_init import CLASS_HEAD_KEY_PARTS, accelerator_kwargs_handlers, build_model, init_config
+from fastinst_hf.training.optim import build_param_groups, build_scheduler
+
+
+def main(argv: list[str]) -> int:
+    return cli_main(["train", *argv])
+
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_CONFIG = {
@@ -237,7 +236,7 @@ def test_interrupted_save_keeps_last_checkpoint(data, tmp_path, monkeypatch):
         pushed.append((repo_id, type(model).__name__, type(processor).__name__, "3 steps" in model_card))
         return f"https://huggingface.co/{repo_id}/commit/0"
 
-    monkeypatch.setattr(training, "push_model_to_hub", fake_push)
+    monkeypatch.setattr(loop, "push_model_to_hub", fake_push)
     from accelerate.state import AcceleratorState, GradientState
 
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -298,14 +297,14 @@ def test_interrupted_final_save_keeps_the_previous_model(tmp_path, monkeypatch):
             raise OSError("simulated crash while moving the new model in")
         return original_replace(src, dst)
 
-    monkeypatch.setattr(training.os, "replace", failing_replace)
+    monkeypatch.setattr(os, "replace", failing_replace)
     with pytest.raises(OSError, match="simulated crash"):
         save_final_model(accelerator, model, processor, tmp_path)
     # The previous model is still complete, in final/ or moved aside next to it.
     kept = [d for d in (final_dir, tmp_path / ".old_final") if (d / "model.safetensors").is_file()]
     assert kept and FastInstForInstanceSegmentation.from_pretrained(kept[0]).config.num_labels == len(LABELS)
 
-    monkeypatch.setattr(training.os, "replace", original_replace)
+    monkeypatch.setattr(os, "replace", original_replace)
     save_final_model(accelerator, model, processor, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
     assert (final_dir / "model.safetensors").is_file() and (final_dir / "preprocessor_config.json").is_file()
@@ -341,18 +340,15 @@ def test_bad_inputs_exit_with_message(data, tmp_path, capsys, change, message):
             args[args.index(flag) + 1] = value
         else:
             args += [flag, value]
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    assert message in capsys.readouterr().err
+    assert main(args) == 2
+    stderr = capsys.readouterr().err
+    assert stderr.startswith("fastinst-hf train: error: ") and message in stderr
 
 
 def test_existing_run_needs_resume(data, tmp_path, capsys):
     (tmp_path / "run/checkpoints").mkdir(parents=True)
     (tmp_path / "run/checkpoints/latest").write_text("step_1\n")
-    with pytest.raises(SystemExit) as exit_info:
-        main(_args(data, tmp_path / "run"))
-    assert exit_info.value.code == 2
+    assert main(_args(data, tmp_path / "run")) == 2
     assert "already holds a run with checkpoints: pass --resume" in capsys.readouterr().err
 
 

@@ -834,4 +834,12 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
         return pixel_values, pixel_mask
 
 
-__all__ = ["FastInstImageProcessor"]
+def image_processor_for_config(config) -> FastInstImageProcessor:
+    """The image processor that matches a `FastInstConfig` (its test-time resize and number of detections)."""
+    return FastInstImageProcessor(
+        size={"shortest_edge": config.test_shortest_edge, "longest_edge": config.test_longest_edge},
+        num_detections=config.num_detections,
+    )
+
+
+__all__ = ["FastInstImageProcessor", "image_processor_for_config"]

@@ -8,7 +8,6 @@ the same shapes as upstream, so that tests can replay the official draws.
 
 import torch
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from .configuration_fastinst import FastInstConfig
@@ -148,8 +147,13 @@ def _prediction_index(indices: MatchingIndices, device: torch.device) -> tuple[T
     return batch_idx.to(device), src_idx.to(device)
 
 
-def _as_index_pair(pred_idx, target_idx) -> tuple[Tensor, Tensor]:
-    return torch.as_tensor(pred_idx, dtype=torch.int64), torch.as_tensor(target_idx, dtype=torch.int64)
+def _hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum-cost assignment of a `[rows, cols]` cost matrix: (row indices, column indices), int64 on the CPU."""
+    # Imported here: scipy is needed for training only, and inference (remote code) must run without it.
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(cost.cpu())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 
 
 def _matched_target_classes(indices: MatchingIndices, class_labels: list[Tensor]) -> Tensor:
@@ -221,8 +225,7 @@ class FastInstHungarianMatcher(nn.Module):
                 + self.cost_dice * cost_dice
                 + self.cost_location * cost_location
             )
-            pred_idx, target_idx = linear_sum_assignment(cost.cpu())
-            indices.append(_as_index_pair(pred_idx, target_idx))
+            indices.append(_hungarian_match(cost))
         return indices
 
 
@@ -263,8 +266,7 @@ class FastInstProposalMatcher(nn.Module):
             cost_location = -inside.flatten(1).T.float()
             cost_class = -probs[:, class_labels[b].to(probs.device)]
             cost = self.cost_class * cost_class + self.cost_location * cost_location
-            cell_idx, target_idx = linear_sum_assignment(cost.cpu())
-            indices.append(_as_index_pair(cell_idx, target_idx))
+            indices.append(_hungarian_match(cost))
         return indices
 
 

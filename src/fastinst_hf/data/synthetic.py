@@ -18,8 +18,8 @@ import numpy as np
 import pycocotools.mask as mask_util
 from PIL import Image
 
-from .data import encode_mask, load_coco_json
-from .io_utils import atomic_write_bytes
+from ..utils.files import atomic_write_bytes
+from .coco import encode_mask, load_coco_json
 
 SHAPE_KINDS = ("ellipse", "rectangle", "triangle")
 # Base colours of the classes (RGB); class k draws shape SHAPE_KINDS[k % 3] in colour _PALETTE[k].

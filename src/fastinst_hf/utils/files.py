@@ -1,6 +1,7 @@
 """Atomic file writes: a reader never sees a half-written file, and an interrupted write leaves the old one intact."""
 
 import os
+import shutil
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -34,3 +35,17 @@ def atomic_write_bytes(path: str | os.PathLike, payload: bytes, sync: bool = Fal
 
 def atomic_write_text(path: str | os.PathLike, text: str, sync: bool = False) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"), sync=sync)
+
+
+def swap_in_folder(new: Path, target: Path) -> None:
+    """Rename the folder `new` to `target`, replacing an existing `target`.
+
+    The old `target` is moved aside and deleted only after the rename, so a crash at any point leaves a complete
+    folder at `target` or at `.old_<name>` next to it; deleting `target` first could leave none.
+    """
+    old = target.with_name(f".old_{target.name}")
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)  # left over by an earlier interrupted swap; `target` is complete
+        os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)  # also one left over when a crash came right after moving it aside

@@ -6,15 +6,19 @@ lists the keys.
 """
 
 import re
-import sys
 import zipfile
 from pathlib import Path
 
 import torch
 import yaml
 
-from .configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
-from .io_utils import atomic_write_text
+from ..configuration_fastinst import OFFICIAL_RELEASE_URL, VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..hub.model_card import render_model_card
+from ..hub.push import push_model_to_hub
+from ..image_processing_fastinst import image_processor_for_config
+from ..modeling_fastinst import FastInstForInstanceSegmentation
+from ..utils.errors import InputError
+from ..utils.files import atomic_write_text
 
 DROPPED_KEYS = ("criterion.empty_weight", "sem_seg_head.predictor.criterion.empty_weight")
 
@@ -62,7 +66,7 @@ _DETECTRON2_DEFAULTS = {
 }
 
 
-class CheckpointConversionError(ValueError):
+class CheckpointConversionError(InputError):
     """A checkpoint or config that cannot be converted; the message says which file, key and shapes."""
 
 
@@ -304,7 +308,7 @@ _KEY_RULES = [
 _COMPILED_RULES = [(re.compile(pattern), target) for pattern, target in _KEY_RULES]
 
 
-def _apply_rules(key: str, rules) -> str | None:
+def apply_rules(key: str, rules) -> str | None:
     for pattern, target in rules:
         match = pattern.fullmatch(key)
         if match:
@@ -314,7 +318,7 @@ def _apply_rules(key: str, rules) -> str | None:
 
 def rename_official_key(key: str) -> str | None:
     """Our name of an official state-dict key, or None if no rule maps it."""
-    return _apply_rules(key, _COMPILED_RULES)
+    return apply_rules(key, _COMPILED_RULES)
 
 
 def load_official_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
@@ -398,8 +402,6 @@ def convert_checkpoint(
     The architecture comes from exactly one of `config`, `config_file` (an upstream YAML or a detectron2 dump) or
     `variant` (a name from `VARIANTS`).
     """
-    from .modeling_fastinst import FastInstForInstanceSegmentation
-
     if sum(x is not None for x in (config, config_file, variant)) != 1:
         raise ValueError("give exactly one of config, config_file or variant")
     if config_file is not None:
@@ -415,8 +417,6 @@ def convert_checkpoint(
 
 def official_checkpoint_url(variant: str) -> str:
     """Download address of an official release checkpoint."""
-    from .configuration_fastinst import OFFICIAL_RELEASE_URL
-
     if variant not in VARIANTS:
         raise ValueError(f"unknown FastInst variant {variant!r}; choose one of {sorted(VARIANTS)}")
     return OFFICIAL_RELEASE_URL + VARIANTS[variant]["checkpoint"]
@@ -425,12 +425,9 @@ def official_checkpoint_url(variant: str) -> str:
 def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None, variant: str | None = None) -> Path:
     """Write `model`, its image processor and a model card to `output_dir`; with `push_to_hub` (a repo id) also push
     them to the Hub. `variant` names the official release the weights come from, for the model card."""
-    from .evaluate_model import processor_for_config
-    from .hub import push_model_to_hub, render_model_card
-
     output_dir = Path(output_dir)
     config = model.config
-    processor = processor_for_config(config)
+    processor = image_processor_for_config(config)
     num_values = sum(t.numel() for t in model.state_dict().values())
     model_card = render_model_card(config, push_to_hub or output_dir.name, variant=variant, num_values=num_values)
     model.save_pretrained(output_dir)
@@ -439,117 +436,3 @@ def save_converted(model, output_dir: str | Path, push_to_hub: str | None = None
     if push_to_hub:
         push_model_to_hub(model, processor, push_to_hub, model_card=model_card)
     return output_dir
-
-
-def build_parser():
-    import argparse
-
-    parser = argparse.ArgumentParser(description="Convert an official FastInst checkpoint to a transformers folder.")
-    parser.add_argument("--checkpoint", required=True, help="official .pth file (detectron2 checkpoint or state dict)")
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", help="upstream config YAML (its _BASE_ is followed) or a detectron2 cfg dump")
-    source.add_argument("--variant", choices=sorted(VARIANTS), help="one of the five released COCO models")
-    parser.add_argument("--output-dir", required=True, help="folder to write config.json and model.safetensors to")
-    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="also push model, processor and model card here")
-    return parser
-
-
-def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        model = convert_checkpoint(args.checkpoint, config_file=args.config, variant=args.variant)
-    except (FileNotFoundError, CheckpointConversionError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    output_dir = save_converted(model, args.output_dir, args.push_to_hub, variant=args.variant)
-    num_parameters = sum(t.numel() for t in model.state_dict().values())
-    print(f"converted {args.checkpoint} ({num_parameters / 1e6:.2f}M values) -> {output_dir}")
-    return 0
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# ImageNet backbone weights (to train from an ImageNet-pretrained backbone, as upstream)
-# ---------------------------------------------------------------------------------------------------------------------
-_TORCHVISION_RESNET_RULES = [
-    (r"conv1\.weight", r"embedder.embedder.convolution.weight"),
-    (r"bn1\.(\w+)", r"embedder.embedder.normalization.\1"),
-    (
-        r"layer(\d)\.(\d+)\.conv(\d)\.weight",
-        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.convolution.weight",
-    ),
-    (
-        r"layer(\d)\.(\d+)\.bn(\d)\.(\w+)",
-        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.layer.{int(m[3]) - 1}.normalization.{m[4]}",
-    ),
-    (
-        r"layer(\d)\.(\d+)\.downsample\.0\.weight",
-        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.convolution.weight",
-    ),
-    (
-        r"layer(\d)\.(\d+)\.downsample\.1\.(\w+)",
-        lambda m: f"encoder.stages.{int(m[1]) - 1}.layers.{m[2]}.shortcut.normalization.{m[3]}",
-    ),
-]
-_TORCHVISION_COMPILED = [(re.compile(pattern), target) for pattern, target in _TORCHVISION_RESNET_RULES]
-# Classifier and BN step counters of ImageNet checkpoints have no place in a FastInst backbone.
-_IMAGENET_IGNORED = re.compile(r"(fc\.\w+|.*num_batches_tracked)")
-
-
-def _read_weights_file(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
-        raise FileNotFoundError(f"backbone weights not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    return load_official_checkpoint(path)
-
-
-def imagenet_backbone_state_dict(source: str | Path, backbone: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """ImageNet weights for `backbone` (our module), named as its state dict.
-
-    `source` is `"torchvision"` (torchvision's ImageNet ResNet-50/101 of the backbone's depth, downloaded into the
-    torch hub cache; what upstream's R50/R101 models start from), or a file: a torchvision ResNet state dict
-    (`conv1`, `bn1`, `layer1.0.conv1`, ...) for the ResNet backbones, or a timm ResNet-D state dict
-    (`conv1.0`, ..., e.g. `resnet50d_ra2-464e36ba.pth`, upstream's start for R50-vd-DCN) for the ResNet-vd backbone.
-    `.pth`/`.bin` files are read with `weights_only=True`, `.safetensors` with safetensors.
-    """
-    from .configuration_fastinst import FastInstResNetVdConfig
-
-    is_vd = isinstance(backbone.config, FastInstResNetVdConfig)
-    if source == "torchvision":
-        if is_vd:
-            raise ValueError("torchvision has no ResNet-vd: pass the timm resnet50d weights file for this backbone")
-        import torchvision
-
-        depth = sum(backbone.config.depths) * 3 + 2
-        if depth not in (50, 101):
-            raise ValueError(f"torchvision ImageNet weights exist for ResNet-50/101, the backbone is ResNet-{depth}")
-        weights = torchvision.models.get_model_weights(f"resnet{depth}").IMAGENET1K_V1
-        official = getattr(torchvision.models, f"resnet{depth}")(weights=weights).state_dict()
-    else:
-        official = _read_weights_file(Path(source))
-    converted, unmapped = {}, []
-    for key, value in official.items():
-        if _IMAGENET_IGNORED.fullmatch(key):
-            continue
-        # timm's ResNet-D names are ours already.
-        new_key = key if is_vd else _apply_rules(key, _TORCHVISION_COMPILED)
-        if new_key is None:
-            unmapped.append(key)
-        else:
-            converted[new_key] = value
-    expected = backbone.state_dict()
-    if is_vd:
-        # ImageNet has no deformable offsets: they keep their zero initialisation, as upstream (plain 3x3 sampling).
-        for key, value in expected.items():
-            if "conv2_offset" in key and key not in converted:
-                converted[key] = torch.zeros_like(value)
-    return check_state_dict(converted, expected, str(source), unmapped)
-
-
-def load_imagenet_backbone(model, source: str | Path) -> None:
-    """Load ImageNet weights into the backbone of a `FastInstModel` or `FastInstForInstanceSegmentation`."""
-    backbone = model.model.backbone if hasattr(model, "model") else model.backbone
-    state_dict = imagenet_backbone_state_dict(source, backbone)
-    backbone.load_state_dict(state_dict, strict=True)

@@ -1,13 +1,9 @@
-"""Model cards and pushing a FastInst model with its processor to the Hugging Face Hub."""
+"""The model card (README.md) of a FastInst model repository."""
 
 import string
-import tempfile
 from importlib import resources
-from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, HfApi
-
-from .configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
 
 
 def _describe_backbone(config: FastInstConfig) -> str:
@@ -26,7 +22,7 @@ def render_model_card(
     variant: str | None = None,
     num_values: int | None = None,
 ) -> str:
-    """The README.md of a FastInst model repository, from the template in `model_cards/`.
+    """The README.md of a FastInst model repository, from the template `assets/model_card_template.md`.
 
     `variant` names the official release the weights were converted from; `description` replaces the default
     paragraph about where the weights come from (e.g. for a model trained on another dataset).
@@ -55,34 +51,3 @@ def render_model_card(
         test_size=f"{config.test_shortest_edge} / {config.test_longest_edge}",
         num_values=f"{num_values / 1e6:.2f}M" if num_values else "see config.json",
     )
-
-
-def push_model_to_hub(
-    model,
-    processor,
-    repo_id: str,
-    model_card: str | None = None,
-    variant: str | None = None,
-    private: bool = False,
-    token: str | None = None,
-    commit_message: str = "Upload FastInst model",
-) -> str:
-    """Push model (safetensors + code files for `trust_remote_code`), processor and model card in one commit.
-
-    Returns the commit URL.
-    """
-    if model_card is None:
-        num_values = sum(t.numel() for t in model.state_dict().values())
-        model_card = render_model_card(model.config, repo_id, variant=variant, num_values=num_values)
-    api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
-    with tempfile.TemporaryDirectory() as folder:
-        model.save_pretrained(folder)
-        processor.save_pretrained(folder)
-        (Path(folder) / "README.md").write_text(model_card)
-        operations = [
-            CommitOperationAdd(path_in_repo=path.name, path_or_fileobj=str(path))
-            for path in sorted(Path(folder).iterdir())
-        ]
-        commit = api.create_commit(repo_id=repo_id, operations=operations, commit_message=commit_message)
-    return commit.commit_url

@@ -22,15 +22,22 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .configuration_fastinst import VARIANTS, FastInstConfig
-from .convert_fastinst import CheckpointConversionError, convert_checkpoint, official_checkpoint_url, save_converted
-from .io_utils import atomic_path
+from ..configuration_fastinst import VARIANTS, FastInstConfig
+from ..conversion.official import (
+    CheckpointConversionError,
+    convert_checkpoint,
+    official_checkpoint_url,
+    save_converted,
+)
+from ..utils.errors import InputError
+from ..utils.files import atomic_path
 
-DEFAULT_MODEL_DIR = Path(__file__).parent / "assets" / "default_model"
-DEMO_IMAGE_DIR = Path(__file__).parent / "assets" / "demo"
+ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
+DEFAULT_MODEL_DIR = ASSETS_DIR / "default_model"
+DEMO_IMAGE_DIR = ASSETS_DIR / "demo"
 
 
-class ModelResolutionError(ValueError):
+class ModelResolutionError(InputError):
     """A model name that cannot be turned into a usable local FastInst folder; the message says why and what to do."""
 
 

@@ -1,36 +1,24 @@
-"""COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.
+"""The evaluation loop: COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.
 
-Used by the trainer (`fastinst_hf.training`) for its periodic evaluation and by `scripts/evaluate.py`:
-
-    python scripts/evaluate.py --model runs/x/final --coco-json val.json --images val_images/
-
-It also runs under `accelerate launch` (the images are sharded over the processes and the results gathered).
+Used by the trainer for its periodic evaluation and by `fastinst-hf evaluate` / `scripts/evaluate.py`. It also runs
+under `accelerate launch` (the images are sharded over the processes and the results gathered).
 """
 
 from __future__ import annotations
 
-import argparse
 import math
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 
-from .benchmark import synchronize
-from .data import CocoInstanceDataset, FastInstCollator, FastInstEvalTransform
-from .evaluation import METRIC_NAMES, CocoMaskEvaluator
-from .image_processing_fastinst import FastInstImageProcessor
-
-
-def processor_for_config(config) -> FastInstImageProcessor:
-    """The image processor that matches a model config (test-time resize and number of detections)."""
-    return FastInstImageProcessor(
-        size={"shortest_edge": config.test_shortest_edge, "longest_edge": config.test_longest_edge},
-        num_detections=config.num_detections,
-    )
+from ..data.collate import FastInstCollator
+from ..data.datasets import CocoInstanceDataset
+from ..data.transforms import FastInstEvalTransform
+from ..image_processing_fastinst import FastInstImageProcessor
+from ..utils.device import synchronize
+from .coco_evaluator import METRIC_NAMES, CocoMaskEvaluator
 
 
 def build_eval_dataset(
@@ -133,67 +121,3 @@ def format_metrics(metrics: dict[str, float], batch_size: int = 1) -> str:
     row = " | ".join("     nan" if math.isnan(v) else f"{v:8.2f}" for v in values)
     note = f"({int(metrics['num_images'])} images, batch size {batch_size}; ms = wall-clock per image)"
     return f"{header}\n{row}\n{note}"
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        description="COCO mask AP and per-image inference time of a saved FastInst model.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    parser.add_argument("--model", required=True, help="folder written by save_pretrained (e.g. a run's final/)")
-    parser.add_argument("--coco-json", required=True, help="COCO instances JSON with the ground truth")
-    parser.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
-    parser.add_argument("--threshold", type=float, default=0.0, help="minimum instance score (0 = upstream)")
-    parser.add_argument(
-        "--device", choices=("auto", "cpu", "cuda"), default="auto", help="auto = accelerate's choice (GPU if any)"
-    )
-    parser.add_argument("--batch-size", type=int, default=1, help="per process; upstream times batch size 1")
-    parser.add_argument("--num-workers", type=int, default=0)
-    parser.add_argument(
-        "--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="autocast dtype for inference"
-    )
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    from accelerate import Accelerator
-
-    from .modeling_fastinst import FastInstForInstanceSegmentation
-
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    model_dir = Path(args.model)
-    if not (model_dir / "config.json").is_file():
-        parser.error(f"--model: {model_dir} has no config.json (expected a folder written by save_pretrained)")
-    if not Path(args.coco_json).is_file():
-        parser.error(f"--coco-json: file not found: {args.coco_json}")
-    if not Path(args.images).is_dir():
-        parser.error(f"--images: folder not found: {args.images}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: no CUDA device is available")
-
-    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
-    model = FastInstForInstanceSegmentation.from_pretrained(model_dir)
-    if (model_dir / "preprocessor_config.json").is_file():
-        processor = FastInstImageProcessor.from_pretrained(model_dir)
-    else:
-        processor = processor_for_config(model.config)
-        accelerator.print(f"{model_dir} has no preprocessor_config.json; using the config's test size {processor.size}")
-    dataset = build_eval_dataset(args.coco_json, args.images, processor)
-    if {int(k): v for k, v in model.config.id2label.items()} != dataset.id2label:
-        accelerator.print(
-            f"warning: the model's labels {model.config.id2label} differ from the dataset's {dataset.id2label}; "
-            "predictions are mapped to category ids by label index"
-        )
-    model, dataloader = accelerator.prepare(model, build_eval_dataloader(dataset, args.batch_size, args.num_workers))
-    evaluator = CocoMaskEvaluator(args.coco_json, dataset.label_to_category_id, accelerator=accelerator)
-    metrics = evaluate(
-        accelerator.unwrap_model(model), processor, dataloader, evaluator, accelerator, threshold=args.threshold
-    )
-    accelerator.print(f"model: {model_dir}  data: {args.coco_json}  device: {accelerator.device}")
-    accelerator.print(format_metrics(metrics, args.batch_size))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

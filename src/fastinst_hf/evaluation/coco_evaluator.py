@@ -12,7 +12,7 @@ import pycocotools.mask as mask_util
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from .data import load_coco_json, segmentation_to_rle
+from ..data.coco import load_coco_json, segmentation_to_rle
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 

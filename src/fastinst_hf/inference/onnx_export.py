@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .io_utils import atomic_path
+from ..utils.files import atomic_path
 
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
 

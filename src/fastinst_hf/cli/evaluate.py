@@ -1,0 +1,62 @@
+"""`fastinst-hf evaluate`: COCO mask AP and per-image time of a model on a COCO-format dataset.
+
+Also runs under `accelerate launch -m fastinst_hf.cli evaluate ...` (images sharded, results gathered).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from ..evaluation.coco_evaluator import CocoMaskEvaluator
+from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics
+from ..inference.loading import load_model_and_processor
+from ..utils.device import select_device
+from ..utils.errors import InputError
+from .options import add_device_argument, add_model_argument
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="COCO mask AP and per-image time on a COCO-format dataset",
+        description="COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_argument(parser)
+    parser.add_argument("--coco-json", required=True, help="COCO instances JSON with the ground truth")
+    parser.add_argument("--images", required=True, help="folder the JSON's file_name entries are relative to")
+    parser.add_argument("--threshold", type=float, default=0.0, help="minimum instance score (0 = upstream AP)")
+    add_device_argument(parser)
+    parser.add_argument("--batch-size", type=int, default=1, help="per process; upstream times batch size 1")
+    parser.add_argument("--num-workers", type=int, default=0, help="data-loading worker processes")
+    parser.add_argument(
+        "--mixed-precision", choices=("no", "fp16", "bf16"), default="no", help="autocast dtype for inference"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    if not Path(args.coco_json).is_file():
+        raise InputError(f"--coco-json: file not found: {args.coco_json}")
+    if not Path(args.images).is_dir():
+        raise InputError(f"--images: folder not found: {args.images}")
+    select_device(args.device)  # fails early when CUDA is asked for but absent
+    accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
+    model, processor, model_dir = load_model_and_processor(args.model)
+    dataset = build_eval_dataset(args.coco_json, args.images, processor)
+    if {int(k): v for k, v in model.config.id2label.items()} != dataset.id2label:
+        accelerator.print(
+            f"warning: the model's labels {model.config.id2label} differ from the dataset's {dataset.id2label}; "
+            "predictions are mapped to category ids by label index"
+        )
+    model, dataloader = accelerator.prepare(model, build_eval_dataloader(dataset, args.batch_size, args.num_workers))
+    evaluator = CocoMaskEvaluator(args.coco_json, dataset.label_to_category_id, accelerator=accelerator)
+    metrics = evaluate(
+        accelerator.unwrap_model(model), processor, dataloader, evaluator, accelerator, threshold=args.threshold
+    )
+    accelerator.print(f"model: {model_dir}  data: {args.coco_json}  device: {accelerator.device}")
+    accelerator.print(format_metrics(metrics, args.batch_size))
+    return 0

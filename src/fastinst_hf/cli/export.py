@@ -1,0 +1,42 @@
+"""`fastinst-hf export`: the model as ONNX (dynamic batch, height and width by default)."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from ..inference.loading import load_model_and_processor
+from ..inference.onnx_export import export_onnx
+from ..utils.errors import InputError
+from .options import add_model_argument
+
+
+def add_parser(commands) -> None:
+    parser = commands.add_parser(
+        "export",
+        help="export the model to ONNX (dynamic batch, height and width)",
+        description="Export a FastInst model to ONNX; the instance post-processing stays in Python.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_model_argument(parser)
+    parser.add_argument("--output", default="fastinst.onnx", help="ONNX file to write")
+    parser.add_argument("--height", type=int, default=None, help="example input height (default: padded test size)")
+    parser.add_argument("--width", type=int, default=None, help="example input width (default: padded test size)")
+    parser.add_argument("--static", action="store_true", help="fix the input to 1x3xHEIGHTxWIDTH")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, _, _ = load_model_and_processor(args.model)
+    config = model.config
+    # Default example input: the model's test size, rounded up to the padded size.
+    height = args.height or -(-config.test_shortest_edge // 32) * 32
+    width = args.width or -(-config.test_longest_edge // 32) * 32
+    if height % 32 or width % 32:
+        raise InputError(f"--height and --width must be multiples of 32, got {height}x{width}")
+    with torch.no_grad():
+        path = export_onnx(model, args.output, height=height, width=width, dynamic=not args.static)
+    shape = f"1x3x{height}x{width}" if args.static else "Bx3xHxW (H, W multiples of 32)"
+    print(f"wrote {path} (input pixel_values {shape}; outputs class_queries_logits, masks_queries_logits)")
+    return 0

@@ -1,0 +1,1 @@
+"""Conversion of the official FastInst checkpoints and of ImageNet backbone weights."""

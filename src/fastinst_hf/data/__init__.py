@@ -1,0 +1,1 @@
+"""Training and evaluation data: COCO parsing and validation, augmentation, datasets, collation, synthetic data."""

@@ -1,0 +1,1 @@
+"""COCO mask AP: the evaluator (faster-coco-eval) and the evaluation loop."""

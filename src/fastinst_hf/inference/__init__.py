@@ -1,0 +1,1 @@
+"""Using a trained model: resolving a model name, loading, prediction, benchmarking, ONNX export."""

@@ -1,0 +1,164 @@
+"""Command-line arguments of a training and their validation (every problem named by its option)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..configuration_fastinst import VARIANTS
+from ..data.transforms import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
+from ..utils.errors import InputError
+from .checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE
+from .optim import UPSTREAM_LR_STEPS, UPSTREAM_MAX_STEPS
+
+DESCRIPTION = "Train FastInst on a COCO-format instance segmentation dataset (accelerate-aware)."
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training options, in groups (data, model, optimisation, logging/evaluation/checkpoints)."""
+    data = parser.add_argument_group("data")
+    data.add_argument("--train-json", required=True, help="COCO instances JSON of the training set")
+    data.add_argument("--train-images", required=True, help="image folder of the training set")
+    data.add_argument("--val-json", help="COCO instances JSON of the validation set (enables mask AP)")
+    data.add_argument("--val-images", help="image folder of the validation set")
+    data.add_argument("--train-short-edges", type=int, nargs="+", default=list(TRAIN_SHORT_EDGES))
+    data.add_argument("--train-max-size", type=int, default=TRAIN_MAX_SIZE)
+    data.add_argument("--crop-prob", type=float, default=0.5, help="probability of the resize-crop pipeline")
+    data.add_argument("--crop-resize-short-edges", type=int, nargs="+", default=list(CROP_RESIZE_SHORT_EDGES))
+    data.add_argument("--crop-size-range", type=int, nargs=2, default=list(CROP_SIZE_RANGE), metavar=("MIN", "MAX"))
+    data.add_argument("--num-workers", type=int, default=4)
+
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--init",
+        default="config",
+        help="'config' (FastInstConfig defaults + --config-json, random weights), a variant name "
+        f"({', '.join(sorted(VARIANTS))}; random weights), or a folder written by save_pretrained / the converter",
+    )
+    model.add_argument(
+        "--config-json", help="FastInstConfig overrides: a JSON file or an inline JSON object (e.g. a tiny test model)"
+    )
+    model.add_argument(
+        "--backbone-weights",
+        help="ImageNet backbone weights when --init is 'config' or a variant, as upstream trains: 'torchvision' "
+        "(ResNet-50/101, downloaded once) or a file (torchvision ResNet or timm resnet50d state dict)",
+    )
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--output-dir", required=True)
+    optim.add_argument("--batch-size", type=int, default=4, help="images per process per micro-batch")
+    optim.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimiser step")
+    optim.add_argument("--lr", type=float, default=1e-4, help="base lr (upstream: 1e-4 at a total batch of 16)")
+    optim.add_argument("--scale-lr", action="store_true", help="linear scaling rule: lr = --lr x total_batch / 16")
+    optim.add_argument("--weight-decay", type=float, default=0.05)
+    optim.add_argument("--backbone-lr-mult", type=float, default=0.1)
+    optim.add_argument("--max-steps", type=int, default=UPSTREAM_MAX_STEPS, help="optimiser steps")
+    optim.add_argument(
+        "--stop-at-step", type=int, help="end this job after that many steps (the schedule still spans --max-steps)"
+    )
+    optim.add_argument("--schedule", choices=("step", "poly"), default="step")
+    optim.add_argument(
+        "--lr-steps", type=float, nargs="+", default=list(UPSTREAM_LR_STEPS), help="step schedule: fractions of steps"
+    )
+    optim.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: lr factor at each step")
+    optim.add_argument("--poly-power", type=float, default=0.9, help="poly schedule: exponent (detectron2: 0.9)")
+    optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from 0 (upstream: none)")
+    optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    optim.add_argument("--clip-grad", type=float, help="max global gradient norm (upstream: off)")
+    optim.add_argument("--seed", type=int, default=42)
+
+    run = parser.add_argument_group("logging, evaluation, checkpoints")
+    run.add_argument("--log-every", type=int, default=20, help="steps between metrics rows")
+    run.add_argument("--eval-every", type=int, default=5000, help="steps between evaluations (0: only at the end)")
+    run.add_argument("--eval-batch-size", type=int, default=1, help="per process; ms/image is timed at this size")
+    run.add_argument("--eval-threshold", type=float, default=0.0, help="minimum instance score for AP (upstream 0)")
+    run.add_argument("--save-every", type=int, default=5000, help="steps between checkpoints (0: only at the end)")
+    run.add_argument("--keep-checkpoints", type=int, default=0, help="keep the newest N checkpoints (0: all)")
+    run.add_argument(
+        "--resume",
+        nargs="?",
+        const=LATEST,
+        help="continue from the newest checkpoint of --output-dir (no value; starts fresh if there is none) "
+        "or from the given checkpoint folder",
+    )
+    run.add_argument("--push-to-hub", metavar="REPO_ID", help="push final model + processor to this Hub repo")
+    run.add_argument("--hub-private", action="store_true", help="create the Hub repo as private")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Parse and validate `argv` (for scripts and tests; the command line goes through `fastinst_hf.cli`)."""
+    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    add_arguments(parser)
+    return validate_args(parser.parse_args(argv))
+
+
+def validate_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Check paths and values before any work starts; raises `InputError` naming the option. Adds
+    `args.config_overrides` (the parsed `--config-json`)."""
+    if not Path(args.train_json).is_file():
+        raise InputError(f"--train-json: file not found: {args.train_json}")
+    if not Path(args.train_images).is_dir():
+        raise InputError(f"--train-images: folder not found: {args.train_images}")
+    if (args.val_json is None) != (args.val_images is None):
+        raise InputError("--val-json and --val-images must be given together")
+    if args.val_json is not None:
+        if not Path(args.val_json).is_file():
+            raise InputError(f"--val-json: file not found: {args.val_json}")
+        if not Path(args.val_images).is_dir():
+            raise InputError(f"--val-images: folder not found: {args.val_images}")
+    for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "num_workers"):
+        if getattr(args, name) < 0:
+            raise InputError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(args, name)}")
+    if args.stop_at_step is not None and not 1 <= args.stop_at_step <= args.max_steps:
+        raise InputError(f"--stop-at-step must be in [1, --max-steps={args.max_steps}], got {args.stop_at_step}")
+    if args.schedule == "step" and not all(0 < f < 1 for f in args.lr_steps):
+        raise InputError(f"--lr-steps are fractions of --max-steps in (0, 1), got {args.lr_steps}")
+    if args.warmup_steps >= args.max_steps:
+        raise InputError(f"--warmup-steps ({args.warmup_steps}) must be smaller than --max-steps ({args.max_steps})")
+    if args.init not in ("config", *VARIANTS) and not (Path(args.init) / "config.json").is_file():
+        raise InputError(
+            f"--init: {args.init!r} is neither 'config', a variant ({', '.join(sorted(VARIANTS))}) "
+            "nor a folder with a config.json"
+        )
+    if args.resume not in (None, LATEST) and not (Path(args.resume) / TRAINER_STATE).is_file():
+        raise InputError(f"--resume: {args.resume} is not a checkpoint folder (no {TRAINER_STATE})")
+    if args.resume is None and (Path(args.output_dir) / CHECKPOINTS / LATEST).is_file():
+        raise InputError(
+            f"--output-dir {args.output_dir} already holds a run with checkpoints: pass --resume to continue it, "
+            "or choose another folder"
+        )
+    if args.backbone_weights is not None and args.init not in ("config", *VARIANTS):
+        raise InputError("--backbone-weights only applies to a new model (--init config or a variant name)")
+    if args.backbone_weights not in (None, "torchvision") and not Path(args.backbone_weights).is_file():
+        raise InputError(f"--backbone-weights: file not found: {args.backbone_weights}")
+    args.config_overrides = _read_config_overrides(args.config_json)
+    if "backbone_config" in args.config_overrides and args.init not in ("config", *VARIANTS):
+        raise InputError("--config-json: backbone_config can not be overridden when --init is a saved model")
+    return args
+
+
+def _read_config_overrides(value: str | None) -> dict:
+    if value is None:
+        return {}
+    text = value if value.lstrip().startswith("{") else None
+    if text is None:
+        if not Path(value).is_file():
+            raise InputError(f"--config-json: file not found: {value} (give a JSON file or an inline JSON object)")
+        text = Path(value).read_text(encoding="utf-8")
+    try:
+        overrides = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise InputError(f"--config-json: not valid JSON ({err})") from err
+    if not isinstance(overrides, dict):
+        raise InputError(
+            f"--config-json: expected a JSON object of FastInstConfig fields, got {type(overrides).__name__}"
+        )
+    for key in ("id2label", "label2id", "num_labels"):
+        if key in overrides:
+            raise InputError(f"--config-json: {key} is taken from the training set's categories; remove it")
+    return overrides

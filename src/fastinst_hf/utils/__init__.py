@@ -1,0 +1,1 @@
+"""Helpers shared by the tooling: atomic file writes, errors, devices, image loading, drawing."""

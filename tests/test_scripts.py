@@ -1,0 +1,64 @@
+"""Smoke tests of every script in `scripts/`, each run as a user would (a subprocess), on tiny inputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import FIXTURES
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_script(name: str, *args, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+@pytest.mark.parametrize(
+    "script, command", [("train.py", "train"), ("evaluate.py", "evaluate"), ("convert_fastinst_to_hf.py", "convert")]
+)
+def test_command_scripts_show_their_command_help(script, command):
+    assert f"usage: fastinst-hf {command}" in run_script(script, "--help").stdout
+
+
+def test_convert_script_writes_a_loadable_folder(tmp_path):
+    fixture = FIXTURES / "d1_r50slim_small"
+    output = tmp_path / "converted"
+    run_script(
+        "convert_fastinst_to_hf.py",
+        "--checkpoint", fixture / "model_state_dict.pt", "--config", fixture / "config.yaml", "--output-dir", output,
+    )  # fmt: skip
+    config = json.loads((output / "config.json").read_text())
+    assert config["model_type"] == "fastinst" and (output / "model.safetensors").is_file()
+
+
+def test_benchmark_script_times_the_default_model():
+    stdout = run_script("benchmark.py", "--device", "cpu", "--runs", "1", "--warmup", "0").stdout
+    assert "total" in stdout and "FPS" in stdout
+
+
+def test_benchmark_postprocess_script():
+    stdout = run_script("benchmark_postprocess.py", "--repeats", "1").stdout
+    assert "ms" in stdout
+
+
+def test_check_official_parity_script_passes_on_the_shipped_fixture(tmp_path):
+    table = tmp_path / "parity.json"
+    run_script("check_official_parity.py", FIXTURES / "d1_r50slim_small", "--threads", "1", "--json", table)
+    assert json.loads(table.read_text())
+
+
+def test_learning_check_script_runs_a_tiny_check(tmp_path):
+    args = ("--out-dir", tmp_path, "--steps", "2", "--num-images", "5", "--image-size", "96", "--batch-size", "2")
+    run_script("learning_check.py", *args)
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert result["dataset"] == "shapes" and result["steps"] == 2 and "AP" in result["trained"]
