@@ -246,15 +246,25 @@ def test_train_command_validates_then_trains(monkeypatch, tmp_path):
     assert len(seen) == 1 and seen[0].max_steps == 3 and seen[0].config_overrides == {}
 
 
-def test_benchmark_prints_a_stage_table(tiny_model_dir, image_dir, capsys):
+def test_benchmark_times_runtimes_side_by_side(tiny_model_dir, image_dir, tmp_path, capsys):
+    from fastinst_hf.inference.levers import cpu_supports_bf16
+
     argv = ["benchmark", "--model", str(tiny_model_dir), "--image", str(image_dir / "a.png"), "--device", "cpu"]
-    assert main([*argv, "--runs", "3", "--warmup", "1"]) == 0
-    stdout = capsys.readouterr().out
-    for stage in ("preprocess", "backbone", "pixel decoder", "decoder + heads", "postprocess", "total", "FPS"):
-        assert stage in stdout
-    assert "median ms" in stdout and "p90 ms" in stdout and "CPU threads" in stdout and "padded input 96x64" in stdout
-    assert main([*argv, "--fp16"]) == 2
-    assert "--fp16 needs a CUDA device" in capsys.readouterr().err
+    argv += ["--runtimes", "eager,folded,bf16+channels_last", "--throughput-runtimes", "eager,folded"]
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--runs", "2", "--warmup", "0", "--batch-sizes", "1,2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| fastinst_hf eager |" in table and "| fastinst_hf folded |" in table and "| batch 2 |" in table
+    result = json.loads(out.read_text())
+    assert result["model_input_hw"] == [64, 85] and result["padded_hw"] == [64, 96]
+    assert set(result["runtimes"]["eager"]) == {"network", "postprocess", "full"}
+    assert len(result["runtimes"]["folded"]["full"]["runs_ms"]) == 2
+    assert set(result["throughput"]) == {"1", "2"} and set(result["throughput"]["2"]) == {"eager", "folded"}
+    # Without bf16 units, bf16 is skipped with the reason (emulated bf16 is slower than fp32).
+    assert ("bf16+channels_last" in result["runtimes"]) == cpu_supports_bf16()
+    assert ("bf16+channels_last" in result["skipped"]) != cpu_supports_bf16()
+    assert main([*argv[:-4], "--runtimes", "eager,tensorrt"]) == 2
+    assert "unknown ['tensorrt']" in capsys.readouterr().err
 
 
 def test_synchronize_waits_for_cuda_devices_only(monkeypatch):

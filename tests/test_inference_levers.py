@@ -6,7 +6,7 @@ from transformers import ResNetConfig
 
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
 from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
-from fastinst_hf.inference_levers import (
+from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
     autocast_context,
     cpu_supports_bf16,
@@ -92,7 +92,7 @@ def test_autocast_switches():
 
 
 def test_onnxruntime_model_matches_pytorch(tmp_path):
-    from fastinst_hf.onnx_export import export_onnx
+    from fastinst_hf.inference.onnx_export import export_onnx
 
     model = tiny_model(RESNET)
     path = export_onnx(model, tmp_path / "model.onnx", height=128, width=160, dynamic=False)

@@ -42,8 +42,13 @@ def test_convert_script_writes_a_loadable_folder(tmp_path):
 
 
 def test_benchmark_script_times_the_default_model():
-    stdout = run_script("benchmark.py", "--device", "cpu", "--runs", "1", "--warmup", "0").stdout
-    assert "total" in stdout and "FPS" in stdout
+    from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR
+
+    options = ["--model", DEFAULT_MODEL_DIR, "--device", "cpu", "--runtimes", "eager", "--batch-sizes", "1"]
+    stdout = run_script(
+        "benchmark.py", *options, "--throughput-runtimes", "eager", "--runs", "1", "--warmup", "0"
+    ).stdout
+    assert "| fastinst_hf eager |" in stdout and "images/s" in stdout
 
 
 def test_benchmark_postprocess_script():

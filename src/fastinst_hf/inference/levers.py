@@ -136,3 +136,21 @@ class OnnxRuntimeModel:
         feed = {"pixel_values": pixel_values.detach().cpu().float().contiguous().numpy()}
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         return SimpleNamespace(**{name: torch.from_numpy(value) for name, value in outputs.items()})
+
+
+class AutocastModel(nn.Module):
+    """`model` run under `autocast_context(precision)`, its two prediction tensors returned in float32 (the
+    post-processing thresholds probabilities, which bfloat16's 8-bit mantissa would blur)."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.model = model
+        self.precision = precision
+        autocast_context(precision, next(model.parameters()).device)  # validates the precision early
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        with autocast_context(self.precision, pixel_values.device):
+            outputs = self.model(pixel_values=pixel_values, **kwargs)
+        outputs.class_queries_logits = outputs.class_queries_logits.float()
+        outputs.masks_queries_logits = outputs.masks_queries_logits.float()
+        return outputs
