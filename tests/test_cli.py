@@ -101,6 +101,20 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
         assert instance["score"] == pytest.approx(score, abs=1e-6)
 
 
+@pytest.mark.slow  # two ONNX exports: minutes on a loaded 2-core machine
+def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(tiny_model_dir, image_dir, tmp_path):
+    outputs = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / runtime
+        argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
+        assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
+        outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
+    assert [i["label_id"] for i in outputs["onnxruntime"]] == [i["label_id"] for i in outputs["torch"]]
+    for ours, reference in zip(outputs["onnxruntime"], outputs["torch"]):
+        assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
+        assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
+
+
 def test_predict_directory_and_glob(tiny_model_dir, image_dir, tmp_path, capsys):
     out = tmp_path / "from_dir"
     assert _predict(image_dir, "--model", tiny_model_dir, "--output", out, "--max-instances", 2) == 0

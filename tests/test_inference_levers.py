@@ -91,6 +91,7 @@ def test_autocast_switches():
         autocast_context("int4")
 
 
+@pytest.mark.slow  # an ONNX export
 def test_onnxruntime_model_matches_pytorch(tmp_path):
     from fastinst_hf.inference.onnx_export import export_onnx
 

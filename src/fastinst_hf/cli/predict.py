@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..inference.levers import OnnxRuntimeModel
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_image
 from ..utils.device import select_device
@@ -37,6 +38,12 @@ def add_parser(commands) -> None:
     add_device_argument(parser)
     parser.add_argument("--output", default=DEFAULT_OUTPUT_DIR, help="output folder")
     parser.add_argument("--max-instances", type=int, default=None, help="keep at most this many per image")
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: export the model to ONNX once (about a minute) and run it with onnxruntime (CPU)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -51,6 +58,10 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--output {output_dir} exists and is not a folder")
     device = select_device(args.device)
     model, processor, model_dir = load_model_and_processor(args.model, device)
+    if args.runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise InputError("--runtime onnxruntime runs on the CPU; use --device cpu")
+        model = OnnxRuntimeModel.from_model(model)
     output_dir.mkdir(parents=True, exist_ok=True)
     print(f"model: {model_dir}  device: {device}  images: {len(paths)}  output: {output_dir}")
 

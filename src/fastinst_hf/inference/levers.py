@@ -16,6 +16,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import tempfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import torch
@@ -122,8 +125,11 @@ class OnnxRuntimeModel:
     `masks_queries_logits` tensors, which the image processor's post-processing accepts.
     """
 
-    def __init__(self, path, num_threads: int | None = None):
+    def __init__(self, path, num_threads: int | None = None, config=None):
         import onnxruntime
+
+        self.config = config
+        self.device = torch.device("cpu")
 
         options = onnxruntime.SessionOptions()
         if num_threads:
@@ -131,6 +137,17 @@ class OnnxRuntimeModel:
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
+
+    @classmethod
+    def from_model(cls, model, num_threads: int | None = None) -> "OnnxRuntimeModel":
+        """Export `model` (dynamic batch and size) to a temporary folder kept while the returned object lives."""
+        from .onnx_export import export_onnx
+
+        folder = tempfile.TemporaryDirectory(prefix="fastinst_onnx_")
+        side = 32 * max(4, math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2))
+        runtime = cls(export_onnx(model, Path(folder.name) / "model.onnx", side, side), num_threads, model.config)
+        runtime._folder = folder
+        return runtime
 
     def __call__(self, pixel_values: torch.Tensor, **kwargs) -> SimpleNamespace:
         feed = {"pixel_values": pixel_values.detach().cpu().float().contiguous().numpy()}
