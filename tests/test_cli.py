@@ -277,6 +277,8 @@ def test_benchmark_times_runtimes_side_by_side(tiny_model_dir, image_dir, tmp_pa
     # Without bf16 units, bf16 is skipped with the reason (emulated bf16 is slower than fp32).
     assert ("bf16+channels_last" in result["runtimes"]) == cpu_supports_bf16()
     assert ("bf16+channels_last" in result["skipped"]) != cpu_supports_bf16()
+    assert main(["benchmark", "--table-from", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == table.split("\n", 1)[1].strip()
     assert main([*argv[:-4], "--runtimes", "eager,tensorrt"]) == 2
     assert "unknown ['tensorrt']" in capsys.readouterr().err
 

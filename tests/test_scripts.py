@@ -56,6 +56,13 @@ def test_benchmark_postprocess_script():
     assert "ms" in stdout
 
 
+def test_check_reduced_precision_script_compares_bf16_with_fp32(tmp_path):
+    out = tmp_path / "precision.json"
+    run_script("check_reduced_precision.py", "--shapes", "3", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and 0.0 <= result["matched_share"] <= 1.0 and "AP_bf16" in result
+
+
 def test_check_official_parity_script_passes_on_the_shipped_fixture(tmp_path):
     table = tmp_path / "parity.json"
     run_script("check_official_parity.py", FIXTURES / "d1_r50slim_small", "--threads", "1", "--json", table)

@@ -52,10 +52,18 @@ def add_parser(commands) -> None:
     parser.add_argument("--train-step", action="store_true", help="also time one training step (batch 2, 512px)")
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
     parser.add_argument("--json", default=None, help="write the full result here")
+    parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.table_from:
+        try:
+            result = json.loads(Path(args.table_from).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--table-from {args.table_from}: {error}") from error
+        print(format_table(result))
+        return 0
     options = _options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
