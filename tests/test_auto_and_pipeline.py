@@ -115,17 +115,33 @@ def test_pipeline_without_subtask_answers_as_instance_model(converted_dir, image
 
 
 def test_trust_remote_code_without_the_package(converted_dir, image, tmp_path):
-    """A process where `import fastinst_hf` fails loads the folder from its own code files."""
+    """A process where `import fastinst_hf` and the training / evaluation dependencies fail loads the folder from its
+    own code files, predicts, saves and reloads (what `trainer.save_model()` does); training then asks for scipy."""
     image_path = tmp_path / "image.png"
     image.save(image_path)
     script = textwrap.dedent(
         f"""
         import sys
-        sys.modules["fastinst_hf"] = None  # any import of the installed package now fails
+        # any import of these now fails, and transformers sees them as absent
+        for name in ("fastinst_hf", "scipy", "accelerate", "datasets", "evaluate", "pycocotools", "faster_coco_eval"):
+            sys.modules[name] = None
         import torch
-        from transformers import AutoImageProcessor, AutoModelForImageSegmentation, pipeline
+        from transformers import AutoImageProcessor, AutoModelForImageSegmentation, AutoModelForUniversalSegmentation, pipeline
         from PIL import Image
-        folder = {str(converted_dir)!r}
+        folder, copy = {str(converted_dir)!r}, {str(tmp_path / "copy")!r}
+        universal = AutoModelForUniversalSegmentation.from_pretrained(folder, trust_remote_code=True)
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        universal.save_pretrained(copy)
+        processor.save_pretrained(copy)
+        assert AutoImageProcessor.from_pretrained(copy, trust_remote_code=True).to_dict() == processor.to_dict()
+        AutoModelForUniversalSegmentation.from_pretrained(copy, trust_remote_code=True)
+        inputs = processor(images=Image.open({str(image_path)!r}), return_tensors="pt")
+        masks = [torch.ones(1, *inputs["pixel_values"].shape[-2:])]
+        try:
+            universal.train()(**inputs, mask_labels=masks, class_labels=[torch.zeros(1, dtype=torch.long)])
+            raise AssertionError("training ran without scipy")
+        except ImportError as error:
+            assert "scipy" in str(error), error
         model = AutoModelForImageSegmentation.from_pretrained(folder, trust_remote_code=True)
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert "transformers_modules" in type(model).__module__, type(model).__module__

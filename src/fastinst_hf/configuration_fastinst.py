@@ -3,7 +3,7 @@
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, ResNetConfig
 from transformers.backbone_utils import BackboneConfigMixin
-from transformers.configuration_utils import PreTrainedConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 # The 80 COCO "thing" classes in the contiguous order used by detectron2 and the official checkpoints.
 COCO_THING_CLASSES = (
@@ -249,6 +249,13 @@ class FastInstConfig(PreTrainedConfig):
 
     model_type = "fastinst"
     attribute_map = {"hidden_size": "hidden_dim", "num_hidden_layers": "decoder_layers"}
+    # Declares the backbone as a sub-configuration, so that settings such as `attn_implementation` reach it. A dict
+    # is converted in `__post_init__` (a `fastinst_resnet_vd` backbone is unknown to AutoConfig under remote code).
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", init_kwargs={}),
+    }
+    # The Trainer's prediction tuple then starts with the class and mask logits, as the example scripts read it.
+    keys_to_ignore_at_inference = ["loss_dict", "auxiliary_logits"]
 
     backbone_config: dict | PreTrainedConfig | None = None
     freeze_backbone_batch_norm: bool = True

@@ -8,7 +8,6 @@ Post-processing reproduces the official `FastInst.instance_inference`, but selec
 (query, class) pairs first and only upsamples the masks of the kept queries.
 """
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,6 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.nn import functional as F
-from torchvision.transforms.v2 import functional as tvF
 from transformers.image_processing_backends import TorchvisionBackend
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
@@ -36,6 +34,12 @@ logger = logging.get_logger(__name__)
 # The mask logits of FastInst are predicted at stride 8 of the padded input.
 MASK_STRIDE = 8
 
+# Module and class of each backend, named in the `auto_map` of saved folders.
+PROCESSOR_CODE = {
+    "torchvision": ("image_processing_fastinst", "FastInstImageProcessor"),
+    "pil": ("image_processing_pil_fastinst", "FastInstImageProcessorPil"),
+}
+
 
 class FastInstImageProcessorKwargs(ImagesKwargs, total=False):
     r"""
@@ -44,10 +48,12 @@ class FastInstImageProcessorKwargs(ImagesKwargs, total=False):
     num_detections (`int`, *optional*, defaults to `100`):
         Number of (query, class) pairs kept by the top-k of the instance post-processing (detectron2's
         `TEST.DETECTIONS_PER_IMAGE`).
-    ignore_index (`int`, *optional*):
-        Segment id of `segmentation_maps` that is not an instance (background / void); no mask is made for it.
+    ignore_index (`int`, *optional*, defaults to `255`):
+        Segment id of `segmentation_maps` that is not an instance (void, Mask2Former's convention); no mask is made
+        for it. `None` makes a mask for every id.
     do_reduce_labels (`bool`, *optional*, defaults to `False`):
-        Whether to map segment id 0 to `ignore_index` and subtract 1 from every other id of `segmentation_maps`.
+        Whether to map segment id 0 to `ignore_index` and subtract 1 from every other id of `segmentation_maps`
+        (and from the classes of `instance_id_to_semantic_id`): drops a background labelled 0.
     """
 
     size_divisor: int
@@ -450,6 +456,7 @@ class FastInstImageProcessingMixin:
     size_divisor = 32
     num_detections = 100
     do_reduce_labels = False
+    ignore_index = 255
     model_input_names = ["pixel_values", "pixel_mask"]
 
     def preprocess(
@@ -500,25 +507,25 @@ class FastInstImageProcessingMixin:
         return self._preprocess(images, targets=targets, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual, and make the folder offer both backends to `trust_remote_code` users
+        """Save as usual, plus the code files and an `auto_map` offering each backend whose code is at hand, so that
+        the folder loads with `trust_remote_code=True` where fastinst_hf is not installed
         (`AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")` for the exact PIL resize).
+        The mapping is also kept in memory, so a reloaded processor has the same `to_dict()`.
         """
         saved = super().save_pretrained(save_directory, *args, **kwargs)
         folder = Path(save_directory)
-        for name in ("image_processing_fastinst.py", "image_processing_pil_fastinst.py"):
-            source, target = Path(__file__).with_name(name), folder / name
-            if not target.exists() or not target.samefile(source):
-                shutil.copyfile(source, target)
+        backends = {}
+        for backend, (module, class_name) in PROCESSOR_CODE.items():
+            source, target = Path(__file__).with_name(f"{module}.py"), folder / f"{module}.py"
+            # Under remote code only the modules that were loaded sit in the cache beside this file.
+            if source.is_file():
+                if not target.exists() or not target.samefile(source):
+                    shutil.copyfile(source, target)
+                backends[backend] = f"{module}.{class_name}"
+        self.auto_map = {"AutoImageProcessor": backends}
         config_file = folder / "preprocessor_config.json"
-        config = json.loads(config_file.read_text())
-        config["auto_map"] = {
-            "AutoImageProcessor": {
-                "torchvision": "image_processing_fastinst.FastInstImageProcessor",
-                "pil": "image_processing_pil_fastinst.FastInstImageProcessorPil",
-            }
-        }
         temporary = config_file.with_name(config_file.name + ".tmp")
-        temporary.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        temporary.write_text(self.to_json_string())
         temporary.replace(config_file)
         return saved
 
@@ -658,10 +665,16 @@ class FastInstImageProcessingMixin:
         return out
 
     def _resized_size(self, height: int, width: int, size: SizeDict, do_resize: bool) -> tuple[int, int]:
+        """`size` is `{"shortest_edge", "longest_edge"}` (detectron2's resize, as upstream) or `{"height", "width"}`
+        (a fixed size, as the transformers example scripts pass)."""
         if not do_resize:
             return height, width
+        if size.height and size.width:
+            return size.height, size.width
         if not (size.shortest_edge and size.longest_edge):
-            raise ValueError(f"`size` must contain 'shortest_edge' and 'longest_edge', got {size}.")
+            raise ValueError(
+                f"`size` must contain 'shortest_edge' and 'longest_edge', or 'height' and 'width', got {size}."
+            )
         return get_fastinst_output_image_size(height, width, size.shortest_edge, size.longest_edge)
 
     def instance_inference(
@@ -826,8 +839,8 @@ class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):
             image = self.rescale_and_normalize(image, do_rescale, rescale_factor, do_normalize, image_mean, image_std)
             if not image.is_floating_point():
                 image = image.float()
-            pad = (0, 0, padded_size[1] - resized_size[1], padded_size[0] - resized_size[0])
-            pixel_values.append(tvF.pad(image, pad, fill=0))
+            pad = (0, padded_size[1] - resized_size[1], 0, padded_size[0] - resized_size[0])
+            pixel_values.append(F.pad(image, pad, value=0.0))
             mask = torch.zeros(padded_size, dtype=torch.int64, device=image.device)
             mask[: resized_size[0], : resized_size[1]] = 1
             pixel_mask.append(mask)

@@ -5,7 +5,7 @@ import PIL.Image
 from transformers.image_processing_backends import PilBackend
 from transformers.image_utils import PILImageResampling, SizeDict
 
-from .image_processing_fastinst import FastInstImageProcessingMixin
+from .image_processing_fastinst import FastInstImageProcessingMixin, FastInstImageProcessorKwargs
 
 
 class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
@@ -65,4 +65,4 @@ class FastInstImageProcessorPil(FastInstImageProcessingMixin, PilBackend):
         return pixel_values, pixel_mask
 
 
-__all__ = ["FastInstImageProcessorPil"]
+__all__ = ["FastInstImageProcessorPil", "FastInstImageProcessorKwargs"]

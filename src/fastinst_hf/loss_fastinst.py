@@ -9,8 +9,14 @@ the same shapes as upstream, so that tests can replay the official draws.
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from transformers.utils import is_scipy_available, requires_backends
 
 from .configuration_fastinst import FastInstConfig
+
+# scipy is only needed to train: inference (and `trust_remote_code` loading) works without it. A guarded module-level
+# import, because transformers' remote-code check requires every import of a file, even one inside a function.
+if is_scipy_available():
+    from scipy.optimize import linear_sum_assignment
 
 MatchingIndices = list[tuple[Tensor, Tensor]]
 
@@ -149,9 +155,7 @@ def _prediction_index(indices: MatchingIndices, device: torch.device) -> tuple[T
 
 def _hungarian_match(cost: Tensor) -> tuple[Tensor, Tensor]:
     """Minimum-cost assignment of a `[rows, cols]` cost matrix: (row indices, column indices), int64 on the CPU."""
-    # Imported here: scipy is needed for training only, and inference (remote code) must run without it.
-    from scipy.optimize import linear_sum_assignment
-
+    requires_backends(_hungarian_match, ["scipy"])
     rows, cols = linear_sum_assignment(cost.cpu())
     return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)
 

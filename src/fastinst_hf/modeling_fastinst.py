@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput
 
@@ -29,32 +30,39 @@ from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
 @dataclass
 class FastInstModelOutput(ModelOutput):
     r"""
+    Every tensor is batch-first; the per-layer fields are only returned when asked for.
+
     class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
         Class logits of every instance query from the last prediction head; the last class is "no object".
     masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 8, width / 8)`):
         Mask logits of every instance query from the last prediction head, at 1/8 of the padded input size.
-    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
-        Predictions of the heads before the last one (head 0 reads the proposed queries, head i the output of
-        layer i - 1), as `{"class_queries_logits", "masks_queries_logits"}`. Class logits are only computed with
-        `output_auxiliary_logits` (deep supervision asks for them), else they are `None`.
+    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`, *optional*):
+        With `output_auxiliary_logits=True`: the predictions of the heads before the last one (head 0 reads the
+        proposed queries, head i the output of layer i - 1), as `{"class_queries_logits", "masks_queries_logits"}`.
     proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
         Logits of the auxiliary classification head on E4 that guides the query selection.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
-    query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
-        Positional embeddings of the queries.
-    pixel_position_embeddings (`torch.FloatTensor` of shape `(1, height / 8 * width / 8, hidden_dim)`):
-        Positional embeddings of the stride-8 pixel features.
-    query_hidden_states (`tuple(torch.FloatTensor)`):
-        Queries `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)` before the first decoder layer
-        and after each layer.
-    pixel_hidden_states (`tuple(torch.FloatTensor)`):
-        Pixel features `(batch_size, height / 8 * width / 8, hidden_dim)` before the first decoder layer and after
-        each layer.
+    query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`, *optional*):
+        Positional embeddings of the queries, returned with `output_hidden_states=True`.
+    pixel_position_embeddings (`torch.FloatTensor` of shape `(batch_size, height / 8 * width / 8, hidden_dim)`, *optional*):
+        Positional embeddings of the stride-8 pixel features (the same for every image), with `output_hidden_states=True`.
+    query_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        With `output_hidden_states=True`: queries `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`
+        before the first decoder layer and after each layer.
+    pixel_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
+        With `output_hidden_states=True`: pixel features `(batch_size, height / 8 * width / 8, hidden_dim)` before
+        the first decoder layer and after each layer.
     encoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Backbone feature maps at strides 8, 16 and 32, returned with `output_hidden_states=True`.
     pixel_decoder_hidden_states (`tuple(torch.FloatTensor)`, *optional*):
         Pixel decoder maps E5, E4, E3 (strides 32, 16, 8), returned with `output_hidden_states=True`.
+    attentions (`tuple(torch.FloatTensor)`, *optional*):
+        With `output_attentions=True`: per decoder layer, three attention maps in the order the layer runs them:
+        pixel cross-attention `(batch_size, num_heads, h * w, num_queries + num_auxiliary_queries)`, masked query
+        cross-attention `(batch_size, num_heads, num_queries + num_auxiliary_queries, h * w)` and query
+        self-attention `(batch_size, num_heads, num_queries + num_auxiliary_queries, num_queries + num_auxiliary_queries)`,
+        where `h * w` is the number of stride-8 pixels.
     image_sizes (`torch.LongTensor` of shape `(batch_size, 2)`, *optional*):
         (height, width) of each image before padding, read off `pixel_mask` when it is given; post-processing uses
         it to crop the padding.
@@ -71,35 +79,39 @@ class FastInstModelOutput(ModelOutput):
     pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_sizes: torch.LongTensor | None = None
 
 
 @dataclass
 class FastInstForInstanceSegmentationOutput(ModelOutput):
     r"""
+    Every tensor is batch-first; the per-layer fields are only returned when asked for (see [`FastInstModelOutput`]).
+    `loss_dict` comes last, and the configuration's `keys_to_ignore_at_inference` lists it, so that the Trainer's
+    prediction tuple starts with the class and mask logits.
+
     loss (`torch.FloatTensor` of shape `()`, *optional*):
         Sum of the weighted losses, returned when `mask_labels` and `class_labels` are given.
-    loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
-        Every weighted loss term, keyed as upstream (`loss_ce`, `loss_mask`, `loss_dice`, `loss_ce_0`, ...,
-        `loss_proposal`).
     class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
         Class logits of the last prediction head; the last class is "no object".
     masks_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, height / 8, width / 8)`):
         Mask logits of the last prediction head at 1/8 of the padded input size.
-    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`):
-        Predictions of the earlier heads (see [`FastInstModelOutput`]); in training the GT-mask-guided
-        predictions come first, as upstream orders its deep-supervision outputs, each with the `matching_indices`
-        (per image, query and target indices) it is supervised with.
+    auxiliary_logits (`list[dict[str, torch.FloatTensor]]`, *optional*):
+        The predictions the deep supervision reads, returned with labels (and `use_auxiliary_loss`) or with
+        `output_auxiliary_logits=True`: in training order the GT-mask-guided predictions first (with labels), then
+        those of the earlier heads (see [`FastInstModelOutput`]).
     proposal_logits (`torch.FloatTensor` of shape `(batch_size, num_labels + 1, height / 16, width / 16)`):
         Logits of the instance-activation (proposal) classification head.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat stride-16 indices of the selected queries.
-    encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states, image_sizes:
+    encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states, attentions, image_sizes:
         As in [`FastInstModelOutput`].
+    loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
+        Every weighted loss term, keyed as upstream (`loss_ce`, `loss_mask`, `loss_dice`, `loss_ce_0`, ...,
+        `loss_proposal`).
     """
 
     loss: torch.FloatTensor | None = None
-    loss_dict: dict[str, torch.FloatTensor] | None = None
     class_queries_logits: torch.FloatTensor | None = None
     masks_queries_logits: torch.FloatTensor | None = None
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
@@ -109,7 +121,9 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
     image_sizes: torch.LongTensor | None = None
+    loss_dict: dict[str, torch.FloatTensor] | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -359,16 +373,19 @@ class FastInstAttentionLayer(nn.Module):
         position_embeddings: Tensor,
         memory_position_embeddings: Tensor,
         attention_mask: Tensor | None = None,
-    ) -> Tensor:
-        """`hidden_states` [B, L, C] attends to `memory` [B, S, C]; `attention_mask` [B*heads, L, S], True = blocked."""
-        attended = self.attention(
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`hidden_states` [B, L, C] attends to `memory` [B, S, C]; `attention_mask` [B*heads, L, S], True = blocked.
+        Returns the updated `hidden_states` and, with `output_attentions`, the weights [B, heads, L, S]."""
+        attended, weights = self.attention(
             hidden_states + position_embeddings,
             memory + memory_position_embeddings,
             memory,
             attn_mask=attention_mask,
-            need_weights=False,
-        )[0]
-        return self.norm(hidden_states + self.dropout(attended))
+            need_weights=output_attentions,
+            average_attn_weights=False,
+        )
+        return self.norm(hidden_states + self.dropout(attended)), weights
 
 
 class FastInstFeedForwardLayer(nn.Module):
@@ -385,10 +402,11 @@ class FastInstFeedForwardLayer(nn.Module):
         return self.norm(hidden_states + self.dropout(self.fc2(self.dropout(F.relu(self.fc1(hidden_states))))))
 
 
-class FastInstDualPathDecoderLayer(nn.Module):
+class FastInstDualPathDecoderLayer(GradientCheckpointingLayer):
     """One dual-path update: the pixel features attend to the queries (no mask) and go through an FFN, then the
     queries attend to the updated pixel features under the mask predicted by the previous head, attend to each
-    other, and go through an FFN."""
+    other, and go through an FFN. Under gradient checkpointing its activations are recomputed in the backward pass
+    (the tensors are passed positionally for that)."""
 
     def __init__(self, config: FastInstConfig):
         super().__init__()
@@ -405,20 +423,29 @@ class FastInstDualPathDecoderLayer(nn.Module):
         query_position_embeddings: Tensor,
         pixel_position_embeddings: Tensor,
         attention_mask: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """Queries [B, Q+A, C] and pixels [B, HW, C] in, updated queries and pixels out.
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, ...]:
+        """Queries [B, Q+A, C] and pixels [B, HW, C] in, updated queries and pixels out, followed with
+        `output_attentions` by the weights of the pixel cross-, query cross- and query self-attention.
         `attention_mask` [B*heads, Q+A, HW] restricts the query cross-attention (True = blocked)."""
-        pixel_states = self.pixel_cross_attention(
-            pixel_states, query_states, pixel_position_embeddings, query_position_embeddings
+        pixel_states, pixel_cross_weights = self.pixel_cross_attention(
+            pixel_states, query_states, pixel_position_embeddings, query_position_embeddings, None, output_attentions
         )
         pixel_states = self.pixel_feed_forward(pixel_states)
-        query_states = self.query_cross_attention(
-            query_states, pixel_states, query_position_embeddings, pixel_position_embeddings, attention_mask
+        query_states, query_cross_weights = self.query_cross_attention(
+            query_states,
+            pixel_states,
+            query_position_embeddings,
+            pixel_position_embeddings,
+            attention_mask,
+            output_attentions,
         )
-        query_states = self.query_self_attention(
-            query_states, query_states, query_position_embeddings, query_position_embeddings
+        query_states, query_self_weights = self.query_self_attention(
+            query_states, query_states, query_position_embeddings, query_position_embeddings, None, output_attentions
         )
         query_states = self.query_feed_forward(query_states)
+        if output_attentions:
+            return query_states, pixel_states, pixel_cross_weights, query_cross_weights, query_self_weights
         return query_states, pixel_states
 
 
@@ -497,27 +524,31 @@ class FastInstDecoder(nn.Module):
         pixel_position_embeddings: Tensor,
         size: tuple[int, int],
         predict_all_classes: bool,
+        output_attentions: bool = False,
     ):
         """Runs every layer. Returns per head (initial + one per layer) the class logits (None for the earlier heads
-        unless `predict_all_classes`) and mask logits, and the queries and pixels before and after each layer."""
+        unless `predict_all_classes`) and mask logits, the queries and pixels before and after each layer, and with
+        `output_attentions` the three attention maps of each layer (else an empty tuple)."""
         last_head = len(self.prediction_heads) - 1
         predictions = [
             self.prediction_heads[0](query_states, pixel_states, size, predict_all_classes or last_head == 0)
         ]
-        all_query_states, all_pixel_states = [query_states], [pixel_states]
+        all_query_states, all_pixel_states, attentions = [query_states], [pixel_states], ()
         for index, layer in enumerate(self.layers):
-            query_states, pixel_states = layer(
+            query_states, pixel_states, *layer_attentions = layer(
                 query_states,
                 pixel_states,
                 query_position_embeddings,
                 pixel_position_embeddings,
                 self.attention_mask(predictions[-1][1]),
+                output_attentions=output_attentions,
             )
             head = self.prediction_heads[index + 1]
             predictions.append(head(query_states, pixel_states, size, predict_all_classes or index + 1 == last_head))
             all_query_states.append(query_states)
             all_pixel_states.append(pixel_states)
-        return predictions, tuple(all_query_states), tuple(all_pixel_states)
+            attentions += tuple(layer_attentions)
+        return predictions, tuple(all_query_states), tuple(all_pixel_states), attentions
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -529,36 +560,52 @@ class FastInstPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     main_input_name = "pixel_values"
     input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["FastInstDualPathDecoderLayer"]
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        # `pipeline("image-segmentation")` loads remote code through AutoModelForImageSegmentation, while
-        # `register_for_auto_class` records a single Auto class per model class: name every entry point here.
+        # `pipeline("image-segmentation")` loads remote code through AutoModelForImageSegmentation and the example
+        # scripts through AutoModelForUniversalSegmentation, while `register_for_auto_class` records a single Auto
+        # class per model class: name every entry point here.
         self.config.auto_map = {
             **(getattr(self.config, "auto_map", None) or {}),
             "AutoConfig": "configuration_fastinst.FastInstConfig",
             "AutoModel": "modeling_fastinst.FastInstModel",
-            "AutoModelForInstanceSegmentation": "modeling_fastinst.FastInstForInstanceSegmentation",
-            "AutoModelForImageSegmentation": "modeling_fastinst.FastInstForInstanceSegmentation",
+            **{
+                auto_class: "modeling_fastinst.FastInstForInstanceSegmentation"
+                for auto_class in SEGMENTATION_AUTO_CLASSES
+            },
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False):
+        # For code outside transformers, the parent skips every module whose own parameters are all loaded, which
+        # includes the containers below that own none (so their upstream init never ran). Every init here goes through
+        # `transformers.initialization`, which leaves loaded tensors alone, so no module needs skipping.
+        super()._initialize_weights(module, is_custom_code=False)
+
     def _init_weights(self, module: nn.Module):
+        """Upstream's initialisation; containers run after their children, so their special cases win."""
         if isinstance(module, FastInstModel):
             init.trunc_normal_(module.position_embedding, std=self.config.init_std)
         elif isinstance(module, FastInstConvNormLayer):
-            # detectron2's c2_xavier_fill
+            # detectron2's c2_xavier_fill (the convolutions have no bias)
             init.kaiming_uniform_(module.conv.weight, a=1)
-        elif isinstance(module, FastInstAttentionLayer):
-            for parameter in module.attention.parameters():
-                if parameter.dim() > 1:
-                    init.xavier_uniform_(parameter)
-            init.zeros_(module.attention.in_proj_bias)
-            init.zeros_(module.attention.out_proj.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            # upstream: xavier for every weight matrix, zero biases (torch's own MHA init zeroes them)
+            init.xavier_uniform_(module.in_proj_weight)
+            init.xavier_uniform_(module.out_proj.weight)
+            init.zeros_(module.in_proj_bias)
+            init.zeros_(module.out_proj.bias)
         elif isinstance(module, FastInstFeedForwardLayer):
+            # upstream: xavier for the weight matrices; the biases keep torch's default (set as nn.Linear below)
             init.xavier_uniform_(module.fc1.weight)
             init.xavier_uniform_(module.fc2.weight)
-            init.zeros_(module.fc1.bias)
-            init.zeros_(module.fc2.bias)
+        elif isinstance(module, FastInstFrozenBatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
         elif isinstance(module, nn.Embedding):
             init.normal_(module.weight, std=1.0)
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
@@ -570,6 +617,15 @@ class FastInstPreTrainedModel(PreTrainedModel):
             if module.bias is not None:
                 bound = module.weight[0].numel() ** -0.5
                 init.uniform_(module.bias, -bound, bound)
+
+
+# The Auto classes a saved folder maps to FastInstForInstanceSegmentation (the pipeline and example scripts use the
+# last two).
+SEGMENTATION_AUTO_CLASSES = (
+    "AutoModelForInstanceSegmentation",
+    "AutoModelForImageSegmentation",
+    "AutoModelForUniversalSegmentation",
+)
 
 
 def image_sizes_from_mask(pixel_mask: Tensor) -> Tensor:
@@ -599,6 +655,7 @@ class FastInstModel(FastInstPreTrainedModel):
         pixel_values: Tensor,
         pixel_mask: Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_auxiliary_logits: bool | None = None,
         return_dict: bool | None = None,
     ) -> FastInstModelOutput:
@@ -608,13 +665,14 @@ class FastInstModel(FastInstPreTrainedModel):
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             1 on real pixels, 0 on padding. Like the official model, FastInst does not mask the padding in attention
             (the padded zeros are part of the input it was trained on); the mask only gives `image_sizes`.
+        output_auxiliary_logits (`bool`, *optional*):
+            Return the predictions of the earlier heads, class logits included (`auxiliary_logits`).
         """
-        output_hidden_states = (
-            output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
-        )
-        output_auxiliary_logits = (
-            output_auxiliary_logits if output_auxiliary_logits is not None else self.config.output_auxiliary_logits
-        )
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        output_attentions = output_attentions if output_attentions is not None else config.output_attentions
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = config.output_auxiliary_logits
         features = tuple(self.backbone(pixel_values).feature_maps[-3:])
         multi_scale = self.pixel_decoder(features)
         proposal_map, pixel_map = multi_scale[1], multi_scale[2]
@@ -630,32 +688,36 @@ class FastInstModel(FastInstPreTrainedModel):
         )
         pixel_states = pixel_map.flatten(2).transpose(1, 2)
         pixel_position = pixel_position.flatten(2).transpose(1, 2)
-        predictions, query_hidden_states, pixel_hidden_states = self.decoder(
+        predictions, query_hidden_states, pixel_hidden_states, attentions = self.decoder(
             queries,
             pixel_states,
             query_position,
             pixel_position,
             tuple(pixel_map.shape[-2:]),
             predict_all_classes=output_auxiliary_logits,
+            output_attentions=output_attentions,
         )
+        auxiliary_logits = [
+            {"class_queries_logits": class_logits, "masks_queries_logits": mask_logits}
+            for class_logits, mask_logits in predictions[:-1]
+        ]
+        hidden = output_hidden_states  # shorthand for the optional fields below
         output = FastInstModelOutput(
             class_queries_logits=predictions[-1][0],
             masks_queries_logits=predictions[-1][1],
-            auxiliary_logits=[
-                {"class_queries_logits": class_logits, "masks_queries_logits": mask_logits}
-                for class_logits, mask_logits in predictions[:-1]
-            ],
+            auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
             proposal_logits=proposal_logits,
             proposal_indices=proposal_indices,
-            query_position_embeddings=query_position,
-            pixel_position_embeddings=pixel_position,
-            query_hidden_states=query_hidden_states,
-            pixel_hidden_states=pixel_hidden_states,
-            encoder_hidden_states=features if output_hidden_states else None,
-            pixel_decoder_hidden_states=multi_scale if output_hidden_states else None,
+            query_position_embeddings=query_position if hidden else None,
+            pixel_position_embeddings=pixel_position.expand(pixel_values.shape[0], -1, -1) if hidden else None,
+            query_hidden_states=query_hidden_states if hidden else None,
+            pixel_hidden_states=pixel_hidden_states if hidden else None,
+            encoder_hidden_states=features if hidden else None,
+            pixel_decoder_hidden_states=multi_scale if hidden else None,
+            attentions=attentions if output_attentions else None,
             image_sizes=image_sizes_from_mask(pixel_mask) if pixel_mask is not None else None,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
 
 
 class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
@@ -675,6 +737,7 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
         class_labels: list[Tensor] | None = None,
         pixel_mask: Tensor | None = None,
         output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         output_auxiliary_logits: bool | None = None,
         return_dict: bool | None = None,
     ) -> FastInstForInstanceSegmentationOutput:
@@ -687,55 +750,81 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             Per image, the contiguous class id `(num_instances,)` of each mask.
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             1 on real pixels, 0 on padding; only used for `image_sizes`, see [`FastInstModel.forward`].
+        output_auxiliary_logits (`bool`, *optional*):
+            Return the predictions of the earlier heads (`auxiliary_logits`) also without labels.
         """
         if (mask_labels is None) != (class_labels is None):
             raise ValueError("mask_labels and class_labels must be given together")
-        deep_supervision = mask_labels is not None and self.config.use_auxiliary_loss
+        config = self.config
+        output_hidden_states = output_hidden_states if output_hidden_states is not None else config.output_hidden_states
+        if output_auxiliary_logits is None:
+            output_auxiliary_logits = config.output_auxiliary_logits
+        deep_supervision = mask_labels is not None and config.use_auxiliary_loss
         outputs = self.model(
             pixel_values,
             pixel_mask=pixel_mask,
-            output_hidden_states=output_hidden_states,
+            # the GT-mask-guided branch re-runs the layers on their recorded inputs
+            output_hidden_states=output_hidden_states or deep_supervision,
+            output_attentions=output_attentions,
             output_auxiliary_logits=output_auxiliary_logits or deep_supervision,
             return_dict=True,
         )
         auxiliary_logits = outputs.auxiliary_logits
         loss = loss_dict = None
         if mask_labels is not None:
-            validate_targets(
-                mask_labels,
-                class_labels,
-                pixel_values.shape[0],
-                outputs.masks_queries_logits.shape[-2:],
-                self.config.num_labels,
-            )
-            locations = proposal_locations(outputs.proposal_indices, *outputs.proposal_logits.shape[-2:])
-            if deep_supervision:
-                # Upstream's order of the prediction sets: GT-mask-guided ones, earlier heads, last head.
-                guided = self.gt_mask_guided_predictions(outputs, locations, mask_labels, class_labels)
-                auxiliary_logits = guided + auxiliary_logits
-            final = {
-                "class_queries_logits": outputs.class_queries_logits,
-                "masks_queries_logits": outputs.masks_queries_logits,
-            }
-            loss_dict = self.criterion(
-                auxiliary_logits + [final], outputs.proposal_logits, locations, mask_labels, class_labels
-            )
+            loss_dict, auxiliary_logits = self.compute_loss(outputs, pixel_values, mask_labels, class_labels)
             loss = sum(loss_dict.values())
+        hidden = output_hidden_states  # shorthand for the optional fields below
         output = FastInstForInstanceSegmentationOutput(
             loss=loss,
-            loss_dict=loss_dict,
             class_queries_logits=outputs.class_queries_logits,
             masks_queries_logits=outputs.masks_queries_logits,
-            auxiliary_logits=auxiliary_logits,
+            auxiliary_logits=auxiliary_logits if (output_auxiliary_logits or deep_supervision) else None,
             proposal_logits=outputs.proposal_logits,
             proposal_indices=outputs.proposal_indices,
-            encoder_hidden_states=outputs.encoder_hidden_states,
-            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states,
-            query_hidden_states=outputs.query_hidden_states,
-            pixel_hidden_states=outputs.pixel_hidden_states,
+            encoder_hidden_states=outputs.encoder_hidden_states if hidden else None,
+            pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states if hidden else None,
+            query_hidden_states=outputs.query_hidden_states if hidden else None,
+            pixel_hidden_states=outputs.pixel_hidden_states if hidden else None,
+            attentions=outputs.attentions,
             image_sizes=outputs.image_sizes,
+            loss_dict=loss_dict,
         )
-        return output if return_dict is not False else output.to_tuple()
+        return output if (return_dict if return_dict is not None else config.return_dict) else output.to_tuple()
+
+    def compute_loss(
+        self,
+        outputs: FastInstModelOutput,
+        pixel_values: Tensor,
+        mask_labels: list[Tensor],
+        class_labels: list[Tensor],
+    ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]] | None]:
+        """The weighted loss terms, and the auxiliary predictions they supervise (GT-mask-guided ones first, as
+        upstream orders its deep-supervision outputs) without the per-target matching indices."""
+        validate_targets(
+            mask_labels,
+            class_labels,
+            pixel_values.shape[0],
+            outputs.masks_queries_logits.shape[-2:],
+            self.config.num_labels,
+        )
+        locations = proposal_locations(outputs.proposal_indices, *outputs.proposal_logits.shape[-2:])
+        auxiliary_logits = outputs.auxiliary_logits or []
+        if self.config.use_auxiliary_loss:
+            guided = self.gt_mask_guided_predictions(outputs, locations, mask_labels, class_labels)
+            auxiliary_logits = guided + auxiliary_logits
+        final = {
+            "class_queries_logits": outputs.class_queries_logits,
+            "masks_queries_logits": outputs.masks_queries_logits,
+        }
+        loss_dict = self.criterion(
+            auxiliary_logits + [final], outputs.proposal_logits, locations, mask_labels, class_labels
+        )
+        # The matching indices vary in size with the number of targets: they stay out of the returned outputs.
+        returned = [
+            {key: value for key, value in entry.items() if key != "matching_indices"} for entry in auxiliary_logits
+        ]
+        return loss_dict, returned
 
     def gt_mask_guided_predictions(
         self,

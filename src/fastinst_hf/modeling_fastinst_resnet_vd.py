@@ -126,12 +126,14 @@ class FastInstResNetVdPreTrainedModel(PreTrainedModel):
             init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
             if getattr(module, "bias", None) is not None:
                 init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm2d):
+        elif "BatchNorm" in type(module).__name__:
+            # Also FastInst's frozen batch norm (statistics as buffers, no `num_batches_tracked`).
             init.ones_(module.weight)
             init.zeros_(module.bias)
             init.zeros_(module.running_mean)
             init.ones_(module.running_var)
-            init.zeros_(module.num_batches_tracked)
+            if getattr(module, "num_batches_tracked", None) is not None:
+                init.zeros_(module.num_batches_tracked)
 
 
 class FastInstResNetVdBackbone(BackboneMixin, FastInstResNetVdPreTrainedModel):

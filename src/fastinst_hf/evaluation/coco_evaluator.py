@@ -33,7 +33,7 @@ def _as_numpy(x: Any) -> np.ndarray:
     return x.detach().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
 
 
-def _unpack_prediction(prediction: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def unpack_prediction(prediction: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(masks bool [N, H, W], labels [N], scores [N]) from either supported prediction format."""
     if "masks" in prediction:
         masks = _as_numpy(prediction["masks"]).astype(bool)
@@ -96,7 +96,7 @@ class CocoMaskEvaluator:
     def _encode(self, image_id: int, prediction: Mapping[str, Any]) -> list[dict]:
         if image_id not in self.image_sizes:
             raise ValueError(f"image id {image_id} is not in the ground-truth 'images'")
-        masks, labels, scores = _unpack_prediction(prediction)
+        masks, labels, scores = unpack_prediction(prediction)
         if masks.shape[0] and tuple(masks.shape[1:]) != self.image_sizes[image_id]:
             raise ValueError(
                 f"image id {image_id}: masks are {tuple(masks.shape[1:])} but the GT image is "
