@@ -1,6 +1,7 @@
 """The `fastinst-hf` command line, model-name resolution, overlays and the stage benchmark."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ import torch
 from PIL import Image
 from transformers import ResNetConfig
 
+import fastinst_hf
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
 from fastinst_hf.cli import main
 from fastinst_hf.conversion.official import config_from_detectron2, save_converted
@@ -18,6 +20,7 @@ from fastinst_hf.inference import resolve as hub_models
 from fastinst_hf.inference.loading import load_model_and_processor
 from fastinst_hf.inference.predict import predict_image
 from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
+from fastinst_hf.utils.arguments import default_num_workers
 from fastinst_hf.utils.device import synchronize
 from fastinst_hf.utils.images import load_image
 from fastinst_hf.utils.visualize import draw_instances, mask_contour
@@ -350,3 +353,37 @@ def test_unknown_hub_repo_offline_gives_a_clear_error():
     # conftest sets HF_HUB_OFFLINE=1, so this never reaches the network.
     with pytest.raises(ModelResolutionError, match="could not load 'nobody/no-such-fastinst' from the Hugging Face"):
         resolve_model("nobody/no-such-fastinst")
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "convert", "train", "export"])
+def test_command_help_names_the_command_and_states_defaults_once(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert text.startswith(f"usage: fastinst-hf {command} ")
+    assert "(default: None)" not in text and "(default: False)" not in text
+    options = text.split(" options: ", 1)[1]
+    assert all(entry.count("(default") <= 1 for entry in options.split(" --")), "an option states its default twice"
+    if "--device" in text:
+        assert "--device {auto,cpu,cuda} where the model runs" in text
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.startswith(f"fastinst-hf {fastinst_hf.__version__} (torch ")
+
+
+def test_train_num_workers_default_fits_the_machine(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert default_num_workers() == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(64)), raising=False)
+    assert default_num_workers() == 4
+
+
+def test_default_model_name_and_constant_point_to_the_embedded_model():
+    assert resolve_model("default") == resolve_model(None) == DEFAULT_MODEL_DIR == Path(fastinst_hf.DEFAULT_MODEL)
+    assert [Path(p).parent for p in fastinst_hf.DEMO_IMAGES] == [DEMO_IMAGE_DIR] * 3
+    assert all(Path(p).is_file() for p in fastinst_hf.DEMO_IMAGES)

@@ -49,7 +49,7 @@ TINY_CONFIG = {
     "test_shortest_edge": 128,
     "test_longest_edge": 160,
 }
-LABELS = {0: "ellipse_0", 1: "rectangle_1", 2: "triangle_2"}
+LABELS = {0: "ellipse", 1: "rectangle", 2: "triangle"}
 
 
 @pytest.fixture(scope="module")

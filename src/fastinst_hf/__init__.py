@@ -5,7 +5,13 @@ Importing the package registers FastInst with the transformers Auto classes (`Au
 `AutoModelForUniversalSegmentation` used by the transformers instance-segmentation example scripts, `AutoBackbone` for
 the ResNet-vd-DCN backbone and `AutoImageProcessor`). Saved folders also carry `auto_map` and the code files, so they
 load with `trust_remote_code=True` where this package is not installed.
+
+`DEFAULT_MODEL` is the folder of the small demo model bundled with the package (trained on synthetic shapes, see its
+README.md; not a model for photographs) and `DEMO_IMAGES` the three bundled images it was made for: both are plain
+paths, so `from_pretrained(DEFAULT_MODEL)` works offline from any installation.
 """
+
+from pathlib import Path
 
 from transformers import (
     AutoBackbone,
@@ -37,6 +43,11 @@ AutoImageProcessor.register(
     exist_ok=True,
 )
 
+__version__ = "0.1.0"
+_ASSETS = Path(__file__).parent / "assets"
+DEFAULT_MODEL = str(_ASSETS / "default_model")
+DEMO_IMAGES = tuple(str(_ASSETS / "demo" / f"shapes_{k}.png") for k in (1, 2, 3))
+
 # The image-segmentation pipeline checks the model's class name against transformers' own name tables (registered
 # classes are not looked up), and logs "not supported" otherwise. The tables are only read for model types of
 # transformers' own config table, which "fastinst" is not, so the entry changes nothing else.
@@ -51,6 +62,9 @@ FastInstModel.register_for_auto_class("AutoModel")
 FastInstForInstanceSegmentation.register_for_auto_class("AutoModelForInstanceSegmentation")
 
 __all__ = [
+    "__version__",
+    "DEFAULT_MODEL",
+    "DEMO_IMAGES",
     "VARIANTS",
     "FastInstConfig",
     "FastInstResNetVdConfig",

@@ -15,6 +15,7 @@ from ..image_processing_fastinst import FastInstImageProcessor
 from ..inference.benchmark import DEFAULT_RUNTIMES, RUNTIMES, BenchmarkOptions, format_table, run_benchmark
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
+from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
 from ..utils.files import atomic_write_text
@@ -34,7 +35,7 @@ def add_parser(commands) -> None:
         help="time runtimes and precisions side by side",
         description="Times every chosen runtime on one image with the official protocol (random weights of a "
         "released variant, 480x640 image, top-100 instances), interleaved A,B,A,B; prints a Markdown table.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("--variant", default="fastinst-d1-r50", choices=sorted(VARIANTS), help="random weights")
     parser.add_argument("--model", default=None, help="time this trained model instead of random --variant weights")

@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from ..evaluation.coco_evaluator import CocoMaskEvaluator
 from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics
 from ..inference.loading import load_model_and_processor
+from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
 from .options import add_device_argument, add_model_argument
@@ -23,7 +24,7 @@ def add_parser(commands) -> None:
         "evaluate",
         help="COCO mask AP and per-image time on a COCO-format dataset",
         description="COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
     parser.add_argument("--coco-json", required=True, help="COCO instances JSON with the ground truth")

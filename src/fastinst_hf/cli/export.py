@@ -8,6 +8,7 @@ import torch
 
 from ..inference.loading import load_model_and_processor
 from ..inference.onnx_export import export_onnx
+from ..utils.arguments import HelpFormatter
 from ..utils.errors import InputError
 from .options import add_model_argument
 
@@ -17,7 +18,7 @@ def add_parser(commands) -> None:
         "export",
         help="export the model to ONNX (dynamic batch, height and width)",
         description="Export a FastInst model to ONNX; the instance post-processing stays in Python.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_model_argument(parser)
     parser.add_argument("--output", default="fastinst.onnx", help="ONNX file to write")

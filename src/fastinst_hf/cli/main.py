@@ -26,10 +26,19 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from .. import __version__
 from ..utils.errors import InputError, one_line
 from . import benchmark, convert, evaluate, export, predict, train
 
 COMMANDS = (predict, evaluate, benchmark, convert, train, export)
+
+
+def version_line() -> str:
+    """What `--version` prints: this package's version and those of the libraries that decide its numerics."""
+    import torch
+    import transformers
+
+    return f"fastinst-hf {__version__} (torch {torch.__version__}, transformers {transformers.__version__})"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="FastInst real-time instance segmentation (Hugging Face transformers port).",
         epilog="Run `fastinst-hf COMMAND --help` for the options of a command.",
     )
+    parser.add_argument("--version", action="version", version=version_line())
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(commands)

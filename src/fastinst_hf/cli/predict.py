@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from ..inference.levers import OnnxRuntimeModel
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_image
+from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
 from ..utils.files import atomic_path, atomic_write_text
@@ -30,7 +31,7 @@ def add_parser(commands) -> None:
         "predict",
         help="segment images; writes <stem>_overlay.png and <stem>.json per image",
         description="Segment images; writes <stem>_overlay.png and <stem>.json per image.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("sources", nargs="+", metavar="SOURCE", help="image file, folder, or quoted glob pattern")
     add_model_argument(parser)

@@ -7,6 +7,7 @@ import argparse
 
 from ..training.arguments import DESCRIPTION, add_arguments, validate_args
 from ..training.loop import train
+from ..utils.arguments import HelpFormatter
 
 
 def add_parser(commands) -> None:
@@ -14,7 +15,7 @@ def add_parser(commands) -> None:
         "train",
         help="train on a COCO-format dataset (`accelerate launch -m fastinst_hf.cli train ...` for data-parallel)",
         description=DESCRIPTION,
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     add_arguments(parser)
     parser.set_defaults(run=run)

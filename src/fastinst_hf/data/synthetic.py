@@ -54,6 +54,12 @@ def write_coco_json(path: str | os.PathLike, coco: dict) -> Path:
     return path
 
 
+def class_name(label: int) -> str:
+    """Name of class `label`: its shape kind, numbered from the second colour of a kind on ("ellipse_3")."""
+    kind = SHAPE_KINDS[label % 3]
+    return kind if label < len(SHAPE_KINDS) else f"{kind}_{label}"
+
+
 def _shape_polygon(kind: str, rng: random.Random, height: int, width: int) -> list[float]:
     """A random shape as a flat polygon [x1, y1, ...] (ellipses approximated by 32 vertices)."""
     size = min(height, width)
@@ -111,9 +117,7 @@ def make_shapes_dataset(
     (out_dir / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     np_rng = np.random.default_rng(seed)
-    categories = [
-        {"id": k + 1, "name": f"{SHAPE_KINDS[k % 3]}_{k}", "supercategory": "shape"} for k in range(num_classes)
-    ]
+    categories = [{"id": k + 1, "name": class_name(k), "supercategory": "shape"} for k in range(num_classes)]
     images, annotations = [], []
     for image_index in range(num_images):
         canvas = _background(np_rng, height, width)

@@ -2,7 +2,8 @@
 
 A name is one of:
 
-- `None`: the small default model embedded in the package (`assets/default_model`, trained on synthetic shapes);
+- `None` or `"default"` (`DEFAULT_NAME`): the small demo model embedded in the package (`fastinst_hf.DEFAULT_MODEL`,
+  trained on synthetic shapes); a local folder called `default` is passed as `./default`;
 - an existing local folder holding a FastInst `config.json`;
 - an official release name from `VARIANTS` (e.g. `fastinst-d1-r50`): the checkpoint is downloaded from the official
   GitHub release into `~/.cache/fastinst_hf/<variant>/` (`FASTINST_HF_CACHE` overrides the root), converted once
@@ -22,6 +23,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from .. import DEFAULT_MODEL, DEMO_IMAGES
 from ..configuration_fastinst import VARIANTS, FastInstConfig
 from ..conversion.official import (
     CheckpointConversionError,
@@ -32,9 +34,9 @@ from ..conversion.official import (
 from ..utils.errors import InputError
 from ..utils.files import atomic_path
 
-ASSETS_DIR = Path(__file__).resolve().parent.parent / "assets"
-DEFAULT_MODEL_DIR = ASSETS_DIR / "default_model"
-DEMO_IMAGE_DIR = ASSETS_DIR / "demo"
+DEFAULT_NAME = "default"
+DEFAULT_MODEL_DIR = Path(DEFAULT_MODEL)
+DEMO_IMAGE_DIR = Path(DEMO_IMAGES[0]).parent
 
 
 class ModelResolutionError(InputError):
@@ -171,7 +173,7 @@ def fetch_hub_model(repo_id: str, cache_dir: str | os.PathLike | None = None) ->
 
 def resolve_model(name: str | os.PathLike | None, cache_dir: str | os.PathLike | None = None) -> Path:
     """Local folder of the model called `name` (see the module docstring); raises `ModelResolutionError`."""
-    if name is None:
+    if name is None or name == DEFAULT_NAME:
         if not (DEFAULT_MODEL_DIR / "config.json").is_file():
             raise ModelResolutionError(
                 f"the embedded default model is missing from this installation ({DEFAULT_MODEL_DIR}); pass --model"

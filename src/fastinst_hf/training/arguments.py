@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..configuration_fastinst import VARIANTS
 from ..data.transforms import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
+from ..utils.arguments import HelpFormatter, default_num_workers
 from ..utils.errors import InputError
 from .checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE
 from .optim import UPSTREAM_LR_STEPS, UPSTREAM_MAX_STEPS
@@ -28,7 +29,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data.add_argument("--crop-prob", type=float, default=0.5, help="probability of the resize-crop pipeline")
     data.add_argument("--crop-resize-short-edges", type=int, nargs="+", default=list(CROP_RESIZE_SHORT_EDGES))
     data.add_argument("--crop-size-range", type=int, nargs=2, default=list(CROP_SIZE_RANGE), metavar=("MIN", "MAX"))
-    data.add_argument("--num-workers", type=int, default=4)
+    data.add_argument(
+        "--num-workers",
+        type=int,
+        default=default_num_workers(),
+        help="data-loading worker processes (default: one per available CPU, at most 4)",
+    )
 
     model = parser.add_argument_group("model")
     model.add_argument(
@@ -89,7 +95,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate `argv` (for scripts and tests; the command line goes through `fastinst_hf.cli`)."""
-    parser = argparse.ArgumentParser(description=DESCRIPTION)
+    parser = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=HelpFormatter)
     add_arguments(parser)
     return validate_args(parser.parse_args(argv))
 
