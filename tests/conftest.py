@@ -11,6 +11,9 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from transformers import ResNetConfig  # noqa: E402
+
+from fastinst_hf import FastInstConfig  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
@@ -53,3 +56,29 @@ def fixture_pixel_values(variant: str) -> torch.Tensor:
 @pytest.fixture(params=VARIANTS)
 def variant(request):
     return request.param
+
+
+def tiny_config(**overrides):
+    """A FastInst config small enough to run in milliseconds (ResNet with 16-128 channels, 10 queries)."""
+    backbone = ResNetConfig(
+        embedding_size=16,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        layer_type="basic",
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    settings = dict(
+        backbone_config=backbone,
+        hidden_dim=32,
+        pixel_decoder_channels=32,
+        mask_dim=32,
+        group_norm_groups=8,
+        num_queries=10,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        decoder_layers=1,
+        test_shortest_edge=64,
+        test_longest_edge=96,
+        id2label={0: "circle", 1: "square"},
+    )
+    return FastInstConfig(**{**settings, **overrides})

@@ -311,7 +311,7 @@ def test_export_writes_an_onnx_model_that_matches(tmp_path, capsys):
     _, masks = session.run(None, {"pixel_values": pixel_values.numpy()})
     np.testing.assert_allclose(masks, expected, atol=1e-3, rtol=1e-3)
     assert main(["export", "--output", str(output), "--height", "100"]) == 2
-    assert "multiples of 32" in capsys.readouterr().err
+    assert "multiple of 32" in capsys.readouterr().err
 
 
 def test_official_variant_is_downloaded_and_converted_once(tmp_path, monkeypatch):

@@ -120,8 +120,9 @@ def test_input_errors_name_the_image(processor_class):
     good = np.zeros((10, 10, 3), np.uint8)
     with pytest.raises(ValueError, match=r"Image 1: expected dtype uint8, uint16 or float.*int32"):
         processor([good, np.zeros((10, 10, 3), np.int32)])
+    # Mode "I" beyond the 16-bit range (within it, it is read as a 16-bit image).
     with pytest.raises(ValueError, match=r"Image 0: PIL mode 'I'"):
-        processor(PIL.Image.fromarray(np.zeros((10, 10), np.int32), mode="I"))
+        processor(PIL.Image.fromarray(np.full((10, 10), 70000, np.int32), mode="I"))
 
 
 def test_batch_of_different_sizes(processor_class):

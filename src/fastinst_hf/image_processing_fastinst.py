@@ -114,12 +114,15 @@ def _to_rgb_uint8_or_float(
       repeated, a fourth (alpha) channel is dropped. When both layouts fit (e.g. a `(3, 5, 3)` image) and
       `input_data_format` is not given, numpy arrays are read as channels-last and tensors as channels-first.
     - 16-bit images (PIL "I;16*" modes, uint16 arrays) are mapped to 8 bits with `round(x / 257)`, which maps
-      0..65535 linearly onto 0..255 (exact for 8-bit data stored as 16 bits). Other integer dtypes, and the
-      PIL "I"/"F" modes, have no defined range and are rejected.
+      0..65535 linearly onto 0..255 (exact for 8-bit data stored as 16 bits); so is a PIL "I" image whose values
+      fit 0..65535. Other integer dtypes, other "I" images and the "F" mode have no defined range and are rejected.
     - float inputs are taken as 0-255 values (as upstream's float32 model input).
     """
     if isinstance(image, PIL.Image.Image):
-        if image.mode.startswith("I;16"):
+        # Some PIL versions open 16-bit grayscale PNGs as mode "I": 0..65535 values are read as 16-bit data.
+        if image.mode.startswith("I;16") or (
+            image.mode == "I" and 0 <= min(image.getextrema()) <= max(image.getextrema()) <= 65535
+        ):
             image = np.asarray(image).astype(np.uint16)
         elif image.mode in ("I", "F"):
             raise ValueError(

@@ -10,6 +10,7 @@ Instance Segmentation"):
 5. prediction heads: per-layer class and mask predictions (the masks also build the next layer's attention mask).
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,11 +21,13 @@ from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 
 from .configuration_fastinst import FastInstConfig, FastInstResNetVdConfig
 from .loss_fastinst import FastInstLoss, build_gt_attention_mask, validate_targets
 from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -563,6 +566,17 @@ class FastInstPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastInstDualPathDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, plus a warning naming the tensors with NaN/Inf values: a corrupt or
+        diverged checkpoint would otherwise run and find no instance, silently. (Missing and mis-shaped keys are
+        reported by transformers' load report, or raise.)"""
+        loaded = super().from_pretrained(*args, **kwargs)
+        names = non_finite_tensors(loaded[0] if isinstance(loaded, tuple) else loaded)
+        if names:
+            logger.warning(f"{len(names)} weight tensor(s) hold NaN or Inf values: {', '.join(names[:5])}")
+        return loaded
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `pipeline("image-segmentation")` loads remote code through AutoModelForImageSegmentation and the example
         # scripts through AutoModelForUniversalSegmentation, while `register_for_auto_class` records a single Auto
@@ -628,6 +642,33 @@ SEGMENTATION_AUTO_CLASSES = (
 )
 
 
+def non_finite_tensors(model: nn.Module) -> list[str]:
+    """Names of the parameters and buffers of `model` that hold a NaN or Inf value."""
+    tensors = [*model.named_parameters(), *model.named_buffers()]
+    return [name for name, tensor in tensors if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def pad_for_queries(pixel_values: Tensor, num_queries: int) -> Tensor:
+    """Zero-pad `(B, 3, H, W)` at the bottom/right so that the stride-16 map has at least `num_queries` cells.
+
+    Very wide or tall inputs (a 3x10000 strip resizes to about 1x256) or tiny ones have fewer cells than queries to
+    pick. The short side grows first (both when that is not enough), in steps of 32 pixels; the padding is part of
+    the padded input that post-processing crops away with `image_sizes`, as the processor's own padding.
+    """
+    height, width = pixel_values.shape[-2:]
+    cells_h, cells_w = -(-height // 16), -(-width // 16)
+    if cells_h * cells_w >= num_queries:
+        return pixel_values
+    short, long = sorted((cells_h, cells_w))
+    grown = -(-num_queries // long)
+    if grown > long:
+        grown = long = math.ceil(math.sqrt(num_queries))
+    grown_h, grown_w = (grown, long) if cells_h <= cells_w else (long, grown)
+    new_height = max(height, -(-grown_h // 2) * 32)
+    new_width = max(width, -(-grown_w // 2) * 32)
+    return F.pad(pixel_values, (0, new_width - width, 0, new_height - height))
+
+
 def image_sizes_from_mask(pixel_mask: Tensor) -> Tensor:
     """(height, width) [B, 2] of the real (unpadded) pixels of a bottom/right-padded `pixel_mask` [B, H, W]."""
     return torch.stack([pixel_mask.any(dim=2).sum(dim=1), pixel_mask.any(dim=1).sum(dim=1)], dim=-1)
@@ -661,7 +702,8 @@ class FastInstModel(FastInstPreTrainedModel):
     ) -> FastInstModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, 3, height, width)`):
-            Normalised images, zero-padded to a multiple of 32.
+            Normalised images, zero-padded to a multiple of 32. An input whose stride-16 map has fewer cells than
+            `num_queries` is zero-padded further (`pad_for_queries`): the mask logits then cover that larger input.
         pixel_mask (`torch.LongTensor` of shape `(batch_size, height, width)`, *optional*):
             1 on real pixels, 0 on padding. Like the official model, FastInst does not mask the padding in attention
             (the padded zeros are part of the input it was trained on); the mask only gives `image_sizes`.
@@ -673,7 +715,7 @@ class FastInstModel(FastInstPreTrainedModel):
         output_attentions = output_attentions if output_attentions is not None else config.output_attentions
         if output_auxiliary_logits is None:
             output_auxiliary_logits = config.output_auxiliary_logits
-        features = tuple(self.backbone(pixel_values).feature_maps[-3:])
+        features = tuple(self.backbone(pad_for_queries(pixel_values, config.num_queries)).feature_maps[-3:])
         multi_scale = self.pixel_decoder(features)
         proposal_map, pixel_map = multi_scale[1], multi_scale[2]
 

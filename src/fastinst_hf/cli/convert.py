@@ -9,6 +9,7 @@ from pathlib import Path
 from ..configuration_fastinst import VARIANTS
 from ..conversion.official import convert_checkpoint, save_converted
 from ..utils.errors import InputError
+from ..utils.files import check_output_folder
 
 
 def add_parser(commands) -> None:
@@ -31,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--checkpoint: checkpoint not found: {args.checkpoint}")
     if args.config is not None and not Path(args.config).is_file():
         raise InputError(f"--config: config file not found: {args.config}")
+    check_output_folder(args.output_dir, "--output-dir")
     model = convert_checkpoint(args.checkpoint, config_file=args.config, variant=args.variant)
     output_dir = save_converted(model, args.output_dir, args.push_to_hub, variant=args.variant)
     num_values = sum(t.numel() for t in model.state_dict().values())

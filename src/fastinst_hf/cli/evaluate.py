@@ -11,11 +11,18 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from ..evaluation.coco_evaluator import CocoMaskEvaluator
-from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics
+from ..evaluation.loop import (
+    build_eval_dataloader,
+    build_eval_dataset,
+    check_eval_dataset,
+    eval_transform,
+    evaluate,
+    format_metrics,
+)
 from ..inference.loading import load_model_and_processor
 from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
-from ..utils.errors import InputError
+from ..utils.errors import InputError, one_line
 from .options import add_device_argument, add_model_argument
 
 
@@ -44,10 +51,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--coco-json: file not found: {args.coco_json}")
     if not Path(args.images).is_dir():
         raise InputError(f"--images: folder not found: {args.images}")
+    if not 0.0 <= args.threshold <= 1.0:
+        raise InputError(f"--threshold must be in [0, 1], got {args.threshold}")
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
     select_device(args.device)  # fails early when CUDA is asked for but absent
+    try:
+        dataset = build_eval_dataset(args.coco_json, args.images, processor=None)
+    except ValueError as error:
+        raise InputError(f"--coco-json: {one_line(error)}") from error
+    check_eval_dataset(dataset)
     accelerator = Accelerator(cpu=args.device == "cpu", mixed_precision=args.mixed_precision)
     model, processor, model_dir = load_model_and_processor(args.model)
-    dataset = build_eval_dataset(args.coco_json, args.images, processor)
+    dataset.transform = eval_transform(processor)
+    if model.config.num_labels > len(dataset.id2label):
+        raise InputError(
+            f"the model predicts {model.config.num_labels} labels but {args.coco_json} has "
+            f"{len(dataset.id2label)} categories: its predictions can not all be mapped to a category"
+        )
     if {int(k): v for k, v in model.config.id2label.items()} != dataset.id2label:
         accelerator.print(
             f"warning: the model's labels {model.config.id2label} differ from the dataset's {dataset.id2label}; "
@@ -59,5 +80,9 @@ def run(args: argparse.Namespace) -> int:
         accelerator.unwrap_model(model), processor, dataloader, evaluator, accelerator, threshold=args.threshold
     )
     accelerator.print(f"model: {model_dir}  data: {args.coco_json}  device: {accelerator.device}")
+    accelerator.print(
+        f"scored {evaluator.num_annotations} annotation(s); {evaluator.num_dropped_annotations} unusable one(s) "
+        "left out of the ground truth"
+    )
     accelerator.print(format_metrics(metrics, args.batch_size))
     return 0

@@ -9,7 +9,8 @@ import torch
 from ..inference.loading import load_model_and_processor
 from ..inference.onnx_export import export_onnx
 from ..utils.arguments import HelpFormatter
-from ..utils.errors import InputError
+from ..utils.errors import InputError, one_line
+from ..utils.files import check_output_file
 from .options import add_model_argument
 
 
@@ -29,15 +30,21 @@ def add_parser(commands) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    for name in ("height", "width"):
+        value = getattr(args, name)
+        if value is not None and (value <= 0 or value % 32):
+            raise InputError(f"--{name} must be a positive multiple of 32, got {value}")
+    check_output_file(args.output, "--output")
     model, _, _ = load_model_and_processor(args.model)
     config = model.config
     # Default example input: the model's test size, rounded up to the padded size.
     height = args.height or -(-config.test_shortest_edge // 32) * 32
     width = args.width or -(-config.test_longest_edge // 32) * 32
-    if height % 32 or width % 32:
-        raise InputError(f"--height and --width must be multiples of 32, got {height}x{width}")
     with torch.no_grad():
-        path = export_onnx(model, args.output, height=height, width=width, dynamic=not args.static)
+        try:
+            path = export_onnx(model, args.output, height=height, width=width, dynamic=not args.static)
+        except OSError as error:
+            raise InputError(f"--output: cannot write {args.output}: {error.strerror or one_line(error)}") from error
     shape = f"1x3x{height}x{width}" if args.static else "Bx3xHxW (H, W multiples of 32)"
     print(f"wrote {path} (input pixel_values {shape}; outputs class_queries_logits, masks_queries_logits)")
     return 0

@@ -16,8 +16,9 @@ real photos). See `fastinst_hf.inference.resolve`.
 Each command lives in its own module (`add_parser(commands)` + `run(args)`); `main` parses, dispatches, and is the
 one place where errors become exit codes. Exit status: 0 on success; 2 for bad arguments or inputs (`InputError`:
 missing file, empty folder, glob without images, wrong model folder, unknown model, download failure, no CUDA
-device, invalid option value); 1 when `predict` could not read some of the images: it names each one, goes on with
-the others and reports the count at the end.
+device, invalid option value, unwritable output, broken model folder or dataset); 1 when `predict` could not read or
+segment some of the images: it names each one, goes on with the others and reports the count at the end; 130 when
+`predict` is interrupted with Ctrl-C (it says how many images were written).
 """
 
 from __future__ import annotations

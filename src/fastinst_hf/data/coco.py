@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,9 @@ def load_coco_json(annotation_file: str | os.PathLike) -> dict:
             raise ValueError(f"{path}: missing top-level field '{key}' (expected a list)")
         if not isinstance(data[key], list):
             raise ValueError(f"{path}: field '{key}' must be a list, got {type(data[key]).__name__}")
+    for key in ("images", "annotations", "categories"):
+        if not all(isinstance(entry, dict) for entry in data[key]):
+            raise ValueError(f"{path}: every entry of '{key}' must be a JSON object")
     category_ids = [cat.get("id") if isinstance(cat, dict) else None for cat in data["categories"]]
     if not all(isinstance(cid, int) for cid in category_ids):
         raise ValueError(f"{path}: every entry of 'categories' needs an integer 'id', got {category_ids}")
@@ -125,6 +129,17 @@ def _bbox_problem(bbox: Any, height: int, width: int) -> str | None:
     if w < 0 or h < 0 or x < -1 or y < -1 or x + w > width + 1 or y + h > height + 1:
         return f"bbox {list(bbox)} outside the image of width {width}, height {height}"
     return None
+
+
+def annotation_problem(ann: dict, height: int, width: int, category_ids: Collection[int]) -> str | None:
+    """Why annotation `ann` of an image of `height` x `width` can not be used (unknown category, undecodable
+    segmentation, box outside the image), or None. Training and evaluation drop the same annotations."""
+    category_id = ann.get("category_id")
+    if category_id not in category_ids:
+        return f"unknown category id {category_id} (expected one of {sorted(category_ids)})"
+    return _segmentation_problem(ann.get("segmentation"), height, width) or _bbox_problem(
+        ann.get("bbox"), height, width
+    )
 
 
 def _image_problem(path: Path, height: int, width: int) -> str | None:
@@ -208,21 +223,12 @@ def parse_coco(
         record = records.get(int(image_id))
         if record is None:  # the image itself was reported above
             continue
-        category_id = ann.get("category_id")
-        if category_id not in categories.category_id_to_label:
-            problems.append(
-                f"{where}: unknown category id {category_id} "
-                f"(expected one of {sorted(categories.category_id_to_label)})"
-            )
-            continue
-        problem = _segmentation_problem(ann.get("segmentation"), record.height, record.width) or _bbox_problem(
-            ann.get("bbox"), record.height, record.width
-        )
+        problem = annotation_problem(ann, record.height, record.width, categories.category_id_to_label)
         if problem:
             problems.append(f"{where}: {problem}")
             continue
         record.segmentations.append(ann["segmentation"])
-        record.labels.append(categories.category_id_to_label[category_id])
+        record.labels.append(categories.category_id_to_label[ann["category_id"]])
         record.annotation_ids.append(ann_id)
 
     if problems:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps
 
+from ..utils.images import to_rgb
 from .coco import CocoRecord, decode_segmentation, encode_mask, parse_coco
 
 Transform = Callable[[np.ndarray, np.ndarray, np.ndarray, random.Random], tuple[np.ndarray, np.ndarray, np.ndarray]]
@@ -41,7 +42,7 @@ def _make_item(
     rng: random.Random,
 ) -> dict[str, Any]:
     # Apply the EXIF rotation as detectron2's read_image does (a no-op for images without the tag).
-    array = np.asarray(ImageOps.exif_transpose(image).convert("RGB"))
+    array = np.asarray(to_rgb(ImageOps.exif_transpose(image)))
     h, w = array.shape[:2]
     masks = np.zeros((0, h, w), dtype=bool)
     if segmentations:

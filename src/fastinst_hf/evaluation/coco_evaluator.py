@@ -12,21 +12,31 @@ import pycocotools.mask as mask_util
 import torch
 from faster_coco_eval import COCO, COCOeval_faster
 
-from ..data.coco import load_coco_json, segmentation_to_rle
+from ..data.coco import annotation_problem, load_coco_json, segmentation_to_rle
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 
 
-def _prepare_ground_truth(coco_gt: str | os.PathLike | dict) -> dict:
-    """A copy of the GT dict with the fields COCOeval needs ("iscrowd", "area") filled in when absent."""
+def _prepare_ground_truth(coco_gt: str | os.PathLike | dict) -> tuple[dict, int]:
+    """A copy of the GT dict without the annotations training and `parse_coco` drop (`annotation_problem`: unknown
+    image or category, polygon of < 3 points, ...), so that AP scores exactly the annotations reported as used; the
+    fields COCOeval needs ("iscrowd", "area") are filled in when absent. Returns `(data, number dropped)`."""
     data = copy.deepcopy(coco_gt) if isinstance(coco_gt, dict) else load_coco_json(coco_gt)
     sizes = {img["id"]: (img["height"], img["width"]) for img in data["images"]}
-    for ann in data["annotations"]:
+    category_ids = {cat["id"] for cat in data["categories"]}
+    kept = [
+        ann
+        for ann in data["annotations"]
+        if ann.get("image_id") in sizes and not annotation_problem(ann, *sizes[ann["image_id"]], category_ids)
+    ]
+    for ann in kept:
         ann.setdefault("iscrowd", 0)
         if "area" not in ann:
             h, w = sizes[ann["image_id"]]
             ann["area"] = float(mask_util.area(segmentation_to_rle(ann["segmentation"], h, w)))
-    return data
+    num_dropped = len(data["annotations"]) - len(kept)
+    data["annotations"] = kept
+    return data, num_dropped
 
 
 def _as_numpy(x: Any) -> np.ndarray:
@@ -71,7 +81,9 @@ class CocoMaskEvaluator:
         max_dets: detections kept per image (highest scores); COCO AP counts at most 100.
 
     AP is computed over the images passed to `update` (not every GT image), so evaluating on a subset is
-    valid. Masks must be at the original image size (the "height"/"width" of the GT).
+    valid. Masks must be at the original image size (the "height"/"width" of the GT). Annotations that training
+    can not use (see `annotation_problem`) are left out of the ground truth; `num_dropped_annotations` counts them,
+    `num_annotations` counts the scored ones. Without any scored annotation, AP is NaN.
     """
 
     def __init__(
@@ -81,7 +93,8 @@ class CocoMaskEvaluator:
         accelerator=None,
         max_dets: int = 100,
     ):
-        gt = _prepare_ground_truth(coco_gt)
+        gt, self.num_dropped_annotations = _prepare_ground_truth(coco_gt)
+        self.num_annotations = len(gt["annotations"])
         self.image_sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
         # Built once: indexing a large GT file is slow and compute() may run every few thousand steps.
         self.coco_gt = COCO(gt)
@@ -136,8 +149,10 @@ class CocoMaskEvaluator:
     def compute(self) -> dict[str, float]:
         """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; NaN for an area range without GT."""
         if not self.results:
-            raise ValueError("CocoMaskEvaluator.compute() called before any update()")
+            raise ValueError("no image was evaluated: CocoMaskEvaluator.compute() called before any update()")
         detections = [det for results in self.results.values() for det in results]
+        if not self.num_annotations:
+            return {name: float("nan") for name in METRIC_NAMES}
         if not detections:
             return {name: 0.0 for name in METRIC_NAMES}
         # loadRes adds fields (bbox arrays, ids) to the dicts it gets: keep the stored results untouched.

@@ -18,23 +18,41 @@ from ..data.datasets import CocoInstanceDataset
 from ..data.transforms import FastInstEvalTransform
 from ..image_processing_fastinst import FastInstImageProcessor
 from ..utils.device import synchronize
+from ..utils.errors import InputError
 from .coco_evaluator import METRIC_NAMES, CocoMaskEvaluator
 
 
 def build_eval_dataset(
-    annotation_file: str | Path, image_dir: str | Path, processor: FastInstImageProcessor
+    annotation_file: str | Path, image_dir: str | Path, processor: FastInstImageProcessor | None
 ) -> CocoInstanceDataset:
     """Every image of a COCO file (also those without annotations), resized as `processor` does at test time.
 
     The resize is the dataset's PIL resize (the official detectron2 one); the processor only post-processes.
+    With `processor=None` the images keep their size: set `dataset.transform = eval_transform(processor)` later
+    (the command line checks the data before it loads the model).
     """
-    size = processor.size
     return CocoInstanceDataset(
         annotation_file,
         image_dir,
-        transform=FastInstEvalTransform(size.shortest_edge, size.longest_edge),
+        transform=eval_transform(processor) if processor is not None else None,
         filter_empty=False,
     )
+
+
+def eval_transform(processor: FastInstImageProcessor) -> FastInstEvalTransform:
+    return FastInstEvalTransform(processor.size.shortest_edge, processor.size.longest_edge)
+
+
+def check_eval_dataset(dataset: CocoInstanceDataset) -> None:
+    """Raise `InputError` when `dataset` can not give a meaningful AP: no category, no readable image, or no usable
+    annotation (AP would be NaN)."""
+    where = dataset.annotation_file
+    if not dataset.id2label:
+        raise InputError(f"{where}: 'categories' is empty (expected at least one category)")
+    if not len(dataset):
+        raise InputError(f"{where}: no image was readable ({len(dataset.problems)} problem(s) reported above)")
+    if not any(record.labels for record in dataset.records):
+        raise InputError(f"{where}: no usable annotation on the readable images (AP would be NaN)")
 
 
 def build_eval_dataloader(dataset: CocoInstanceDataset, batch_size: int = 1, num_workers: int = 0) -> DataLoader:

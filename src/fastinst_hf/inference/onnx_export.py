@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..utils.errors import InputError
 from ..utils.files import atomic_path
 
 OUTPUT_NAMES = ("class_queries_logits", "masks_queries_logits")
@@ -38,7 +39,7 @@ def export_onnx(model, path: str | Path, height: int = 640, width: int = 864, dy
     one leaves no temporary file either.
     """
     if height % 32 or width % 32:
-        raise ValueError(f"height and width must be multiples of 32, got {height}x{width}")
+        raise InputError(f"height and width must be multiples of 32, got {height}x{width}")
     path = Path(path)
     wrapper = FastInstOnnxWrapper(model).eval()
     # A batch of 2: an example dimension of size 1 would be specialised to 1.
@@ -48,7 +49,9 @@ def export_onnx(model, path: str | Path, height: int = 640, width: int = 864, dy
         # The stride-16 map needs at least num_queries cells: a side of at least ceil(sqrt(num_queries)) cells.
         min_blocks = math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2)
         if height < 32 * min_blocks or width < 32 * min_blocks:
-            raise ValueError(f"the example input must be at least {32 * min_blocks}x{32 * min_blocks}")
+            raise InputError(
+                f"the example input (--height, --width) must be at least {32 * min_blocks}x{32 * min_blocks}"
+            )
         rows = torch.export.Dim("rows", min=min_blocks, max=256)
         columns = torch.export.Dim("columns", min=min_blocks, max=256)
         batch = torch.export.Dim("batch", min=1, max=64)

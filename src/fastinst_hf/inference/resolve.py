@@ -98,6 +98,12 @@ def download_file(url: str, destination: Path, timeout: float = 60.0) -> Path:
     return destination
 
 
+def remove_if_empty(folder: Path) -> None:
+    """Remove `folder` if it exists and is empty (a failed first download must not leave an empty cache folder)."""
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def fetch_official_model(
     variant: str,
     cache_dir: str | os.PathLike | None = None,
@@ -124,6 +130,7 @@ def fetch_official_model(
         try:
             download_file(url, checkpoint)
         except (urllib.error.URLError, OSError) as error:
+            remove_if_empty(variant_dir)
             raise ModelResolutionError(
                 f"could not download the official {variant} checkpoint from {url} ({error}). Without network access, "
                 f"download that file by other means, then run `fastinst-hf convert --checkpoint FILE --variant "
@@ -134,6 +141,7 @@ def fetch_official_model(
     except CheckpointConversionError as error:
         # A broken download must not be reused: the next call downloads it again.
         checkpoint.unlink()
+        remove_if_empty(variant_dir)
         raise ModelResolutionError(f"the downloaded {variant} checkpoint could not be converted: {error}") from error
     # Convert into a temporary folder and rename it, so that an interrupted run never leaves a half-written model.
     staging = Path(tempfile.mkdtemp(dir=variant_dir, prefix=".converted-"))

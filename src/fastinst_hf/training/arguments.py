@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from ..configuration_fastinst import VARIANTS
 from ..data.transforms import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
 from ..utils.arguments import HelpFormatter, default_num_workers
 from ..utils.errors import InputError
+from ..utils.files import check_output_folder
 from .checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE
 from .optim import UPSTREAM_LR_STEPS, UPSTREAM_MAX_STEPS
 
@@ -114,7 +116,20 @@ def validate_args(args: argparse.Namespace) -> argparse.Namespace:
             raise InputError(f"--val-json: file not found: {args.val_json}")
         if not Path(args.val_images).is_dir():
             raise InputError(f"--val-images: folder not found: {args.val_images}")
-    for name in ("batch_size", "grad_accum", "max_steps", "log_every"):
+    check_output_folder(args.output_dir, "--output-dir")
+    for name in ("lr", "weight_decay", "backbone_lr_mult", "crop_prob"):
+        if not math.isfinite(getattr(args, name)):
+            raise InputError(f"--{name.replace('_', '-')} must be a finite number, got {getattr(args, name)}")
+    if args.lr <= 0:
+        raise InputError(f"--lr must be > 0, got {args.lr}")
+    if args.weight_decay < 0 or args.backbone_lr_mult < 0 or not 0 <= args.crop_prob <= 1:
+        raise InputError(
+            "--weight-decay and --backbone-lr-mult must be >= 0 and --crop-prob in [0, 1], got "
+            f"{args.weight_decay}, {args.backbone_lr_mult}, {args.crop_prob}"
+        )
+    if not 0.0 <= args.eval_threshold <= 1.0:
+        raise InputError(f"--eval-threshold must be in [0, 1], got {args.eval_threshold}")
+    for name in ("batch_size", "grad_accum", "max_steps", "log_every", "eval_batch_size"):
         if getattr(args, name) < 1:
             raise InputError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     for name in ("eval_every", "save_every", "keep_checkpoints", "warmup_steps", "num_workers"):

@@ -48,11 +48,11 @@ from ..data.collate import FastInstCollator
 from ..data.datasets import CocoInstanceDataset
 from ..data.transforms import FastInstTrainTransform
 from ..evaluation.coco_evaluator import CocoMaskEvaluator
-from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate, format_metrics
+from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, check_eval_dataset, evaluate, format_metrics
 from ..hub.model_card import render_model_card
 from ..hub.push import push_model_to_hub
 from ..image_processing_fastinst import image_processor_for_config
-from ..utils.errors import InputError
+from ..utils.errors import InputError, one_line
 from ..utils.files import atomic_write_text
 from .checkpoints import (
     CHECKPOINTS,
@@ -121,9 +121,6 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         mixed_precision=args.mixed_precision,
         kwargs_handlers=accelerator_kwargs_handlers(init_config(args.init, args.config_overrides)),
     )
-    output_dir = Path(args.output_dir)
-    if accelerator.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
     set_seed(args.seed)
 
     train_dataset = build_train_dataset(args)
@@ -159,6 +156,10 @@ def setup(args: argparse.Namespace) -> TrainingRun:
         val_loader = accelerator.prepare(build_eval_dataloader(val_dataset, args.eval_batch_size, args.num_workers))
         evaluator = CocoMaskEvaluator(args.val_json, val_dataset.label_to_category_id, accelerator=accelerator)
 
+    # Created only now: a run refused while checking its data or model leaves no empty folder behind.
+    output_dir = Path(args.output_dir)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run": resume_invariants(args, accelerator)}
     run = TrainingRun(
         args, accelerator, model, processor, optimizer, scheduler, train_dataset, train_loader, val_loader,
@@ -177,20 +178,24 @@ def setup(args: argparse.Namespace) -> TrainingRun:
 
 
 def build_train_dataset(args: argparse.Namespace) -> CocoInstanceDataset:
-    dataset = CocoInstanceDataset(
-        args.train_json,
-        args.train_images,
-        transform=FastInstTrainTransform(
-            short_edges=args.train_short_edges,
-            max_size=args.train_max_size,
-            crop_prob=args.crop_prob,
-            crop_resize_short_edges=args.crop_resize_short_edges,
-            crop_size_range=tuple(args.crop_size_range),
-        ),
-        seed=args.seed,
+    transform = FastInstTrainTransform(
+        short_edges=args.train_short_edges,
+        max_size=args.train_max_size,
+        crop_prob=args.crop_prob,
+        crop_resize_short_edges=args.crop_resize_short_edges,
+        crop_size_range=tuple(args.crop_size_range),
     )
+    try:
+        dataset = CocoInstanceDataset(args.train_json, args.train_images, transform=transform, seed=args.seed)
+    except ValueError as error:
+        raise InputError(f"--train-json: {one_line(error)}") from error
+    if not dataset.id2label:
+        raise InputError(f"{args.train_json}: 'categories' is empty (expected at least one category)")
     if len(dataset) == 0:
-        raise InputError(f"{args.train_json}: no image with a usable annotation to train on")
+        raise InputError(
+            f"{args.train_json}: no readable image with a usable annotation to train on "
+            f"({len(dataset.problems)} problem(s) reported above)"
+        )
     return dataset
 
 
@@ -198,7 +203,11 @@ def build_val_dataset(args: argparse.Namespace, processor, train_dataset: CocoIn
     """The validation set (None without `--val-json`); its categories must be the training set's."""
     if args.val_json is None:
         return None
-    dataset = build_eval_dataset(args.val_json, args.val_images, processor)
+    try:
+        dataset = build_eval_dataset(args.val_json, args.val_images, processor)
+    except ValueError as error:
+        raise InputError(f"--val-json: {one_line(error)}") from error
+    check_eval_dataset(dataset)
     if dataset.label_to_category_id != train_dataset.label_to_category_id:
         raise InputError(
             f"{args.val_json} has categories {dataset.id2label} (ids {dataset.label_to_category_id}) but "

@@ -2,10 +2,13 @@
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from .errors import InputError
 
 
 @contextmanager
@@ -49,3 +52,36 @@ def swap_in_folder(new: Path, target: Path) -> None:
         os.replace(target, old)
     os.replace(new, target)
     shutil.rmtree(old, ignore_errors=True)  # also one left over when a crash came right after moving it aside
+
+
+def check_output_folder(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a folder that exists and is writable or can be created; raises `InputError` naming `option`
+    otherwise. Nothing is created: a run that fails before writing leaves no empty folder behind."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} exists and is not a folder")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise InputError(f"{option} {path} cannot be created: {existing} is not a folder")
+    try:  # a real write: permission bits do not tell for root, read-only mounts or /proc
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as error:
+        raise InputError(
+            f"{option} {path} is not writable: cannot create a file in {existing} ({error.strerror})"
+        ) from error
+    return path
+
+
+def check_output_file(path: str | os.PathLike, option: str) -> Path:
+    """`path` as a file that can be written (its folder exists or can be created); raises `InputError` naming
+    `option` otherwise."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{option} {path} is a folder (expected a file name)")
+    check_output_folder(path.absolute().parent, option)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise InputError(f"{option} {path} is not writable")
+    return path

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import glob
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageOps
 
 from .errors import InputError, one_line
@@ -22,7 +23,8 @@ def collect_image_paths(sources: Sequence[str]) -> list[Path]:
     """Expand every SOURCE (image file, folder, or glob pattern) into image paths, in order, without opening them.
 
     A folder contributes its files with an image extension (not recursive), sorted by name; a glob pattern its
-    matches with an image extension (`**` recurses). An explicitly named file is taken whatever its extension.
+    matches with an image extension (`**` recurses, not into symlinked folders). An explicitly named file is taken
+    whatever its extension. A file reached twice (same real path) is listed once, where it first appears.
     Raises `InputError` for a missing file, a folder without images or a pattern without image matches.
     """
     paths: list[Path] = []
@@ -36,24 +38,44 @@ def collect_image_paths(sources: Sequence[str]) -> list[Path]:
             found = [path]
         elif glob.has_magic(source):
             found = sorted(
-                Path(match)
-                for match in glob.glob(os.path.expanduser(source), recursive=True)
-                if os.path.isfile(match) and is_image_name(match)
+                match
+                for match in expand_pattern(source)
+                if match.is_file() and is_image_name(match) and not match.name.startswith(".")  # as glob.glob
             )
             if not found:
                 raise InputError(f"no images match the pattern {source!r}")
         else:
             raise InputError(f"input not found: {source}")
         paths.extend(found)
-    return paths
+    # The same file reached twice (two sources, or a symlink) is segmented once.
+    unique = {os.path.realpath(path): path for path in reversed(paths)}
+    return [path for path in paths if unique[os.path.realpath(path)] is path]
+
+
+def expand_pattern(pattern: str) -> Iterator[Path]:
+    """Matches of a glob pattern (`**` recurses) without following symlinks to folders while recursing: a link to
+    a parent folder would otherwise make the walk endless."""
+    parts = Path(os.path.expanduser(pattern)).parts
+    first_magic = next(index for index, part in enumerate(parts) if glob.has_magic(part))
+    root = Path(*parts[:first_magic]) if first_magic else Path()
+    # pathlib's `**` does not descend into symlinked folders (Python 3.13: recurse_symlinks=False, the default).
+    return root.glob(str(Path(*parts[first_magic:])))
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """`image` as 8-bit RGB. 16-bit grayscale (PIL modes "I;16*", and "I" as 16-bit PNGs may open) is scaled with
+    `round(x / 257)` as the image processor scales uint16 arrays; `convert("RGB")` would clip it to white."""
+    if image.mode.startswith("I;16") or image.mode == "I":
+        values = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.rint(np.clip(values, 0, 65535) / 257).astype(np.uint8), mode="L")
+    return image.convert("RGB")
 
 
 def load_image(path: Path) -> Image.Image:
     """The image at `path` as an RGB PIL image, EXIF orientation applied; raises `OSError` naming an unreadable file."""
     try:
         with Image.open(path) as image:
-            image = ImageOps.exif_transpose(image)
-            return image.convert("RGB")
+            return to_rgb(ImageOps.exif_transpose(image))
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise OSError(f"cannot read image {path}: {one_line(error)}") from error
 
