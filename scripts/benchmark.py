@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Per-stage latency of a FastInst model, as `fastinst-hf benchmark`; options: `python scripts/benchmark.py --help`."""
+"""Runtimes side by side, as `fastinst-hf benchmark`; options: `python scripts/benchmark.py --help`."""
 
 import sys
 

@@ -107,7 +107,7 @@ def decoder_stage(base, multi_scale):
     pixel_position = F.interpolate(
         base.position_embedding, size=pixel_map.shape[-2:], mode="bilinear", align_corners=False
     )
-    queries, query_position, _, _, _ = base.query_proposal(proposal_map, proposal_position)
+    queries, query_position, _, _ = base.query_proposal(proposal_map, proposal_position)
     return base.decoder(
         queries,
         pixel_map.flatten(2).transpose(1, 2),
@@ -118,9 +118,10 @@ def decoder_stage(base, multi_scale):
     )
 
 
-def bench(key, warmup, runs, image=None):
+def bench(key, warmup, runs, image=None, config=None):
+    """Times one variant of `CONFIGS` (or `config`, e.g. a tiny one for the smoke test) as bench_official.py."""
     variant, label = CONFIGS[key]
-    config = FastInstConfig.from_variant(variant)
+    config = FastInstConfig.from_variant(variant) if config is None else config
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(config).eval()
     base = model.model

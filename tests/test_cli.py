@@ -104,6 +104,20 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
         assert instance["score"] == pytest.approx(score, abs=1e-6)
 
 
+@pytest.mark.slow  # two ONNX exports: minutes on a loaded 2-core machine
+def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(tiny_model_dir, image_dir, tmp_path):
+    outputs = {}
+    for runtime in ("torch", "onnxruntime"):
+        out = tmp_path / runtime
+        argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
+        assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
+        outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
+    assert [i["label_id"] for i in outputs["onnxruntime"]] == [i["label_id"] for i in outputs["torch"]]
+    for ours, reference in zip(outputs["onnxruntime"], outputs["torch"]):
+        assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
+        assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
+
+
 def test_predict_directory_and_glob(tiny_model_dir, image_dir, tmp_path, capsys):
     out = tmp_path / "from_dir"
     assert _predict(image_dir, "--model", tiny_model_dir, "--output", out, "--max-instances", 2) == 0
@@ -249,15 +263,27 @@ def test_train_command_validates_then_trains(monkeypatch, tmp_path):
     assert len(seen) == 1 and seen[0].max_steps == 3 and seen[0].config_overrides == {}
 
 
-def test_benchmark_prints_a_stage_table(tiny_model_dir, image_dir, capsys):
+def test_benchmark_times_runtimes_side_by_side(tiny_model_dir, image_dir, tmp_path, capsys):
+    from fastinst_hf.inference.levers import cpu_supports_bf16
+
     argv = ["benchmark", "--model", str(tiny_model_dir), "--image", str(image_dir / "a.png"), "--device", "cpu"]
-    assert main([*argv, "--runs", "3", "--warmup", "1"]) == 0
-    stdout = capsys.readouterr().out
-    for stage in ("preprocess", "backbone", "pixel decoder", "decoder + heads", "postprocess", "total", "FPS"):
-        assert stage in stdout
-    assert "median ms" in stdout and "p90 ms" in stdout and "CPU threads" in stdout and "padded input 96x64" in stdout
-    assert main([*argv, "--fp16"]) == 2
-    assert "--fp16 needs a CUDA device" in capsys.readouterr().err
+    argv += ["--runtimes", "eager,folded,bf16+channels_last", "--throughput-runtimes", "eager,folded"]
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--runs", "2", "--warmup", "0", "--batch-sizes", "1,2", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| fastinst_hf eager |" in table and "| fastinst_hf folded |" in table and "| batch 2 |" in table
+    result = json.loads(out.read_text())
+    assert result["model_input_hw"] == [64, 85] and result["padded_hw"] == [64, 96]
+    assert set(result["runtimes"]["eager"]) == {"network", "postprocess", "full"}
+    assert len(result["runtimes"]["folded"]["full"]["runs_ms"]) == 2
+    assert set(result["throughput"]) == {"1", "2"} and set(result["throughput"]["2"]) == {"eager", "folded"}
+    # Without bf16 units, bf16 is skipped with the reason (emulated bf16 is slower than fp32).
+    assert ("bf16+channels_last" in result["runtimes"]) == cpu_supports_bf16()
+    assert ("bf16+channels_last" in result["skipped"]) != cpu_supports_bf16()
+    assert main(["benchmark", "--table-from", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == table.split("\n", 1)[1].strip()
+    assert main([*argv[:-4], "--runtimes", "eager,tensorrt"]) == 2
+    assert "unknown ['tensorrt']" in capsys.readouterr().err
 
 
 def test_synchronize_waits_for_cuda_devices_only(monkeypatch):

@@ -42,13 +42,25 @@ def test_convert_script_writes_a_loadable_folder(tmp_path):
 
 
 def test_benchmark_script_times_the_default_model():
-    stdout = run_script("benchmark.py", "--device", "cpu", "--runs", "1", "--warmup", "0").stdout
-    assert "total" in stdout and "FPS" in stdout
+    from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR
+
+    options = ["--model", DEFAULT_MODEL_DIR, "--device", "cpu", "--runtimes", "eager", "--batch-sizes", "1"]
+    stdout = run_script(
+        "benchmark.py", *options, "--throughput-runtimes", "eager", "--runs", "1", "--warmup", "0"
+    ).stdout
+    assert "| fastinst_hf eager |" in stdout and "images/s" in stdout
 
 
 def test_benchmark_postprocess_script():
     stdout = run_script("benchmark_postprocess.py", "--repeats", "1").stdout
     assert "ms" in stdout
+
+
+def test_check_reduced_precision_script_compares_bf16_with_fp32(tmp_path):
+    out = tmp_path / "precision.json"
+    run_script("check_reduced_precision.py", "--shapes", "3", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["images"] == 3 and 0.0 <= result["matched_share"] <= 1.0 and "AP_bf16" in result
 
 
 def test_check_official_parity_script_passes_on_the_shipped_fixture(tmp_path):

@@ -26,9 +26,6 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
 )
-
-# The PIL module's copy: the torchvision one imports torchvision, which the PIL backend must work without.
-from transformers.models.mask2former.image_processing_pil_mask2former import binary_mask_to_rle
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
@@ -211,6 +208,237 @@ def _masks_from_segmentation_map(
         label = instance_id_to_semantic_id[key]
         labels.append(label - 1 if do_reduce_labels else label)
     return masks, torch.tensor(labels, dtype=torch.long)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Post-processing
+# ---------------------------------------------------------------------------------------------------------------------
+# Masks are upsampled in chunks of about this many pixels: a chunk stays in the CPU cache (several times faster than
+# one pass over all masks) and the float masks never exist at the target size for all kept queries at once.
+CHUNK_PIXELS = 1_300_000
+# Above this many bytes of boolean masks per image, the painted map and the RLEs are made in two passes (scores
+# first, then the masks again in score order) instead of holding every mask: bounded memory for huge targets.
+MAX_MASK_BYTES = 1 << 30
+
+
+def binary_mask_to_rle(mask: torch.Tensor | np.ndarray) -> list[int]:
+    """
+    Run-length encoding of a `(H, W)` binary mask in transformers' format: `[start, length, start, length, ...]` of
+    the runs of ones in the row-major flattened mask, with 1-based starts.
+    """
+    pixels = torch.as_tensor(mask).flatten().bool()
+    # With a 0 on both sides, the positions where the value changes alternate: run start, run end (1-based).
+    padded = torch.cat([pixels.new_zeros(1), pixels, pixels.new_zeros(1)])
+    bounds = torch.nonzero(padded[1:] != padded[:-1]).flatten() + 1
+    bounds[1::2] -= bounds[::2]
+    return bounds.tolist()
+
+
+def select_top_detections(
+    class_logits: torch.Tensor, num_detections: int, threshold: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """
+    `(Q, K+1)` class logits of one image -> the top-`num_detections` (query, class) pairs by class probability
+    ("no object" dropped) whose class score is `>= threshold`: `(N,)` class scores (descending), query indices and
+    labels. The final score is class score x mask score <= class score, so the other pairs can never pass.
+    """
+    num_classes = class_logits.shape[-1] - 1
+    class_probs = class_logits.softmax(-1)[:, :num_classes]
+    class_scores, flat_indices = class_probs.flatten().topk(min(num_detections, class_probs.numel()), sorted=True)
+    keep = class_scores >= threshold
+    class_scores, flat_indices = class_scores[keep], flat_indices[keep]
+    return class_scores, torch.div(flat_indices, num_classes, rounding_mode="floor"), flat_indices % num_classes
+
+
+def iter_binary_masks(
+    mask_logits: torch.Tensor,
+    resized_size: tuple[int, int],
+    output_size: tuple[int, int],
+    mask_threshold: float,
+    out: torch.Tensor | None = None,
+    chunk_pixels: int = CHUNK_PIXELS,
+):
+    """
+    Official mask upsampling of `(N, h, w)` stride-8 mask logits, a chunk of masks at a time: bilinear
+    (align_corners=False) to the padded input size `(8h, 8w)`, crop to `resized_size`, bilinear to `output_size`,
+    sigmoid, `> mask_threshold`.
+
+    Yields:
+        `(start, masks, mask_scores, areas)`: masks `start : start + n` as `(n, *output_size)` bool, their `(n,)` mask
+        scores `sum(p * mask) / (sum(mask) + 1e-6)` and their `(n,)` areas `sum(mask)`. With `out` (`(N, *output_size)`
+        bool), the masks are written into it.
+    """
+    padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
+    chunk = max(1, chunk_pixels // (max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])))
+    for start in range(0, mask_logits.shape[0], chunk):
+        logits = F.interpolate(
+            mask_logits[None, start : start + chunk], size=padded_size, mode="bilinear", align_corners=False
+        )
+        logits = logits[..., : resized_size[0], : resized_size[1]]
+        # Bilinear resizing to the same size is the identity (weights 1 and 0), so it can be skipped.
+        if tuple(logits.shape[-2:]) != tuple(output_size):
+            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+        probs = logits[0].contiguous().sigmoid_()
+        masks = torch.gt(probs, mask_threshold, out=None if out is None else out[start : start + len(probs)])
+        areas = torch.count_nonzero(masks.flatten(1), dim=1)
+        mask_scores = probs.masked_fill_(~masks, 0).flatten(1).sum(1) / (areas + 1e-6)
+        yield start, masks, mask_scores, areas
+
+
+def instance_inference_single(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    resized_size: tuple[int, int],
+    output_size: tuple[int, int],
+    threshold: float,
+    mask_threshold: float,
+    num_detections: int,
+    keep_masks: bool = True,
+) -> dict[str, torch.Tensor]:
+    """
+    The official `FastInst.instance_inference` for one image (`(Q, K+1)` class logits, `(Q, h, w)` mask logits),
+    computed on the kept (query, class) pairs only; see [`~FastInstImageProcessor.instance_inference`].
+
+    With `keep_masks=False` the masks are not returned (only their `(N,)` pixel `areas`), so memory stays bounded
+    by one chunk of masks; [`iter_instance_masks`] makes them again.
+    """
+    class_scores, query_indices, labels = select_top_detections(class_logits, num_detections, threshold)
+    # A query can be kept with several classes: resize each distinct query's mask once.
+    unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
+    mask_scores = class_scores.new_zeros(len(unique_queries))
+    areas = torch.zeros(len(unique_queries), dtype=torch.long, device=mask_logits.device)
+    masks = None
+    if keep_masks:
+        masks = torch.empty((len(unique_queries), *output_size), dtype=torch.bool, device=mask_logits.device)
+    for start, _, chunk_scores, chunk_areas in iter_binary_masks(
+        mask_logits[unique_queries], resized_size, output_size, mask_threshold, out=masks
+    ):
+        mask_scores[start : start + len(chunk_scores)] = chunk_scores
+        areas[start : start + len(chunk_areas)] = chunk_areas
+    scores = class_scores * mask_scores[inverse]
+
+    keep = scores >= threshold
+    order = torch.argsort(scores[keep], descending=True, stable=True)
+    picked = inverse[keep][order]
+    result = {
+        "scores": scores[keep][order],
+        "class_scores": class_scores[keep][order],
+        "labels": labels[keep][order],
+        "query_indices": query_indices[keep][order],
+        "areas": areas[picked],
+    }
+    if keep_masks:
+        result["masks"] = masks[picked]
+    return result
+
+
+def iter_instance_masks(
+    mask_logits: torch.Tensor, query_indices: torch.Tensor, resized_size, output_size, mask_threshold: float
+):
+    """Yields the `(H, W)` bool mask of each query of `query_indices` in turn (the masks of
+    [`instance_inference_single`] made again, one chunk at a time)."""
+    for _, masks, _, _ in iter_binary_masks(mask_logits[query_indices], resized_size, output_size, mask_threshold):
+        yield from masks
+
+
+def resolve_mask_sizes(
+    batch_size: int,
+    padded_size: tuple[int, int],
+    target_sizes,
+    image_sizes,
+    resized_size_of,
+) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+    """
+    Per image `(resized_size, output_size)`: the resized, unpadded model input size (from `image_sizes`, else
+    `resized_size_of(*target_size)`, else the padded size) and the size the masks are returned at (the target size,
+    else the resized size).
+    """
+    for name, sizes in (("target_sizes", target_sizes), ("image_sizes", image_sizes)):
+        if sizes is not None and len(sizes) != batch_size:
+            raise ValueError(f"Got {len(sizes)} `{name}` for a batch of {batch_size} predictions.")
+    sizes = []
+    for i in range(batch_size):
+        target_size = None if target_sizes is None else tuple(int(s) for s in target_sizes[i])
+        if image_sizes is not None:
+            resized_size = tuple(int(s) for s in image_sizes[i])
+        elif target_size is not None:
+            resized_size = resized_size_of(*target_size)
+        else:
+            resized_size = padded_size
+        if resized_size[0] > padded_size[0] or resized_size[1] > padded_size[1]:
+            raise ValueError(
+                f"Image {i}: resized size {resized_size} exceeds the padded input size {padded_size} "
+                f"(mask logits {padded_size[0] // MASK_STRIDE, padded_size[1] // MASK_STRIDE} x {MASK_STRIDE}); "
+                "pass the right `image_sizes`."
+            )
+        sizes.append((resized_size, target_size if target_size is not None else resized_size))
+    return sizes
+
+
+def check_logits(class_logits: torch.Tensor, mask_logits: torch.Tensor) -> None:
+    if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
+        raise ValueError(
+            "Expected `class_queries_logits` of shape (B, Q, K+1) and `masks_queries_logits` of shape "
+            f"(B, Q, h, w), got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}."
+        )
+
+
+def paint_segmentation(indexed_masks, output_size: tuple[int, int], device=None) -> torch.Tensor:
+    """
+    `(H, W)` int32 map of instance ids, -1 where no instance. `indexed_masks` yields `(index, (H, W) bool mask)`
+    from the lowest-scoring instance to the highest, so that the highest-scoring one owns overlapping pixels.
+    """
+    segmentation = torch.full(output_size, -1, dtype=torch.int32, device=device)
+    for index, mask in indexed_masks:
+        segmentation.masked_fill_(mask, index)
+    return segmentation
+
+
+def post_process_instances_single(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    resized_size: tuple[int, int],
+    output_size: tuple[int, int],
+    threshold: float,
+    mask_threshold: float,
+    num_detections: int,
+    return_coco_annotation: bool,
+    return_binary_maps: bool,
+) -> dict:
+    """One image of [`~FastInstImageProcessor.post_process_instance_segmentation`] (same arguments)."""
+    num_masks = min(num_detections, class_logits.shape[0])
+    two_passes = not return_binary_maps and num_masks * output_size[0] * output_size[1] > MAX_MASK_BYTES
+    args = (resized_size, output_size, threshold, mask_threshold, num_detections)
+    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=not two_passes)
+    non_empty = instance["areas"] > 0
+    scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
+    segments_info = [
+        {"id": index, "label_id": label, "was_fused": False, "score": score}
+        for index, (label, score) in enumerate(zip(labels, scores))
+    ]
+    if two_passes:
+        queries = instance["query_indices"][non_empty]
+        if return_coco_annotation:
+            segmentation = [
+                binary_mask_to_rle(mask)
+                for mask in iter_instance_masks(mask_logits, queries, resized_size, output_size, mask_threshold)
+            ]
+        else:
+            lowest_first = iter_instance_masks(mask_logits, queries.flip(0), resized_size, output_size, mask_threshold)
+            indexed = zip(range(len(queries) - 1, -1, -1), lowest_first)
+            segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
+        return {"segmentation": segmentation, "segments_info": segments_info}
+
+    masks = instance["masks"]
+    masks = masks if non_empty.all() else masks[non_empty]  # avoids copying the masks in the common case
+    if return_binary_maps:
+        segmentation = masks
+    elif return_coco_annotation:
+        segmentation = [binary_mask_to_rle(mask) for mask in masks]
+    else:
+        indexed = ((index, masks[index]) for index in range(len(masks) - 1, -1, -1))
+        segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
+    return {"segmentation": segmentation, "segments_info": segments_info}
 
 
 class FastInstImageProcessingMixin:
@@ -487,74 +715,28 @@ class FastInstImageProcessingMixin:
             `list[dict]`, one per image, sorted by descending `scores`, with `scores` `(N,)`, `class_scores` `(N,)`,
             `labels` `(N,)` long, `query_indices` `(N,)` long and `masks` `(N, H, W)` bool at the target size.
         """
-        class_logits = outputs.class_queries_logits
-        mask_logits = outputs.masks_queries_logits
-        if class_logits.ndim != 3 or mask_logits.ndim != 4 or class_logits.shape[:2] != mask_logits.shape[:2]:
-            raise ValueError(
-                "Expected `class_queries_logits` of shape (B, Q, K+1) and `masks_queries_logits` of shape "
-                f"(B, Q, h, w), got {tuple(class_logits.shape)} and {tuple(mask_logits.shape)}."
-            )
-        batch_size, num_queries, num_classes = class_logits.shape[0], class_logits.shape[1], class_logits.shape[2] - 1
-        padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
         num_detections = self.num_detections if num_detections is None else num_detections
-        if image_sizes is None:
-            image_sizes = getattr(outputs, "image_sizes", None)
-        for name, sizes in (("target_sizes", target_sizes), ("image_sizes", image_sizes)):
-            if sizes is not None and len(sizes) != batch_size:
-                raise ValueError(f"Got {len(sizes)} `{name}` for a batch of {batch_size} predictions.")
-
         results = []
-        for i in range(batch_size):
-            target_size = None if target_sizes is None else tuple(int(s) for s in target_sizes[i])
-            if image_sizes is not None:
-                resized_size = tuple(int(s) for s in image_sizes[i])
-            elif target_size is not None:
-                resized_size = self._resized_size(*target_size, self.size, self.do_resize)
-            else:
-                resized_size = padded_size
-            if resized_size[0] > padded_size[0] or resized_size[1] > padded_size[1]:
-                raise ValueError(
-                    f"Image {i}: resized size {resized_size} exceeds the padded input size {padded_size} "
-                    f"(mask logits {tuple(mask_logits.shape[-2:])} x {MASK_STRIDE}); pass the right `image_sizes`."
-                )
-            output_size = target_size if target_size is not None else resized_size
-
-            class_probs = class_logits[i].softmax(-1)[:, :num_classes]
-            k = min(num_detections, num_queries * num_classes)
-            class_scores, flat_indices = class_probs.flatten().topk(k, sorted=True)
-            keep = class_scores >= threshold
-            class_scores, flat_indices = class_scores[keep], flat_indices[keep]
-            query_indices = torch.div(flat_indices, num_classes, rounding_mode="floor")
-            labels = flat_indices % num_classes
-
-            # A query can be kept with several classes: resize each distinct query's mask once.
-            unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
-            masks = mask_logits[i, unique_queries][None]
-            if unique_queries.numel() > 0:
-                masks = F.interpolate(masks, size=padded_size, mode="bilinear", align_corners=False)
-                masks = masks[..., : resized_size[0], : resized_size[1]]
-                # Bilinear resizing to the same size is the identity (weights 1 and 0), so it can be skipped.
-                if tuple(masks.shape[-2:]) != output_size:
-                    masks = F.interpolate(masks, size=output_size, mode="bilinear", align_corners=False)
-            else:
-                masks = masks.new_zeros((1, 0, *output_size))
-            probs = masks[0].sigmoid()
-            binary = probs > mask_threshold
-            mask_scores = (probs * binary).flatten(1).sum(1) / (binary.flatten(1).sum(1) + 1e-6)
-            scores = class_scores * mask_scores[inverse]
-
-            keep = scores >= threshold
-            order = torch.argsort(scores[keep], descending=True, stable=True)
-            results.append(
-                {
-                    "scores": scores[keep][order],
-                    "class_scores": class_scores[keep][order],
-                    "labels": labels[keep][order],
-                    "query_indices": query_indices[keep][order],
-                    "masks": binary[inverse[keep][order]],
-                }
+        for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes)):
+            result = instance_inference_single(
+                class_logits[i], mask_logits[i], resized_size, output_size, threshold, mask_threshold, num_detections
             )
+            del result["areas"]
+            results.append(result)
         return results
+
+    def _mask_sizes(self, outputs, target_sizes, image_sizes) -> list[tuple[tuple[int, int], tuple[int, int]]]:
+        """Per image `(resized_size, output_size)`, see [`resolve_mask_sizes`]."""
+        mask_logits = outputs.masks_queries_logits
+        return resolve_mask_sizes(
+            mask_logits.shape[0],
+            (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE),
+            target_sizes,
+            getattr(outputs, "image_sizes", None) if image_sizes is None else image_sizes,
+            lambda height, width: self._resized_size(height, width, self.size, self.do_resize),
+        )
 
     def post_process_instance_segmentation(
         self,
@@ -598,36 +780,23 @@ class FastInstImageProcessingMixin:
         """
         if return_coco_annotation and return_binary_maps:
             raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
-        instances = self.instance_inference(
-            outputs,
-            threshold=threshold,
-            mask_threshold=mask_threshold,
-            target_sizes=target_sizes,
-            num_detections=num_detections,
-            image_sizes=image_sizes,
-        )
-        results = []
-        for instance in instances:
-            masks, scores, labels = instance["masks"], instance["scores"], instance["labels"]
-            non_empty = masks.flatten(1).any(1)
-            if not non_empty.all():  # avoids copying the masks in the common case
-                masks, scores, labels = masks[non_empty], scores[non_empty], labels[non_empty]
-            scores, labels = scores.tolist(), labels.tolist()
-            segments_info = [
-                {"id": index, "label_id": label, "was_fused": False, "score": score}
-                for index, (label, score) in enumerate(zip(labels, scores))
-            ]
-            if return_binary_maps:
-                segmentation = masks
-            elif return_coco_annotation:
-                segmentation = [binary_mask_to_rle(mask) for mask in masks]
-            else:
-                segmentation = torch.full(masks.shape[-2:], -1, dtype=torch.int32, device=masks.device)
-                # Paint low scores first so that the highest-scoring instance owns overlapping pixels.
-                for index in range(masks.shape[0] - 1, -1, -1):
-                    segmentation.masked_fill_(masks[index], index)
-            results.append({"segmentation": segmentation, "segments_info": segments_info})
-        return results
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
+        num_detections = self.num_detections if num_detections is None else num_detections
+        return [
+            post_process_instances_single(
+                class_logits[i],
+                mask_logits[i],
+                resized_size,
+                output_size,
+                threshold,
+                mask_threshold,
+                num_detections,
+                return_coco_annotation,
+                return_binary_maps,
+            )
+            for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
+        ]
 
 
 class FastInstImageProcessor(FastInstImageProcessingMixin, TorchvisionBackend):

@@ -1,76 +1,127 @@
-"""`fastinst-hf benchmark`: per-stage latency (median / p90 ms) and FPS of a model on one image, batch size 1."""
+"""`fastinst-hf benchmark`: runtimes and precisions side by side (interleaved runs), batch throughput, and optionally
+the official code, peer models and a training step; a Markdown table on stdout and everything in `--json`."""
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
+import numpy as np
 import torch
 
-from ..inference.benchmark import benchmark, format_table
+from ..configuration_fastinst import VARIANTS, FastInstConfig
+from ..image_processing_fastinst import FastInstImageProcessor
+from ..inference.benchmark import DEFAULT_RUNTIMES, RUNTIMES, BenchmarkOptions, format_table, run_benchmark
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
 from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
+from ..utils.files import atomic_write_text
 from ..utils.images import load_image
-from .options import add_device_argument, add_model_argument
+from .options import add_device_argument
+
+PEERS = ("mask2former", "yolo11s-seg", "yolo11m-seg")
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(name.strip() for name in text.split(",") if name.strip())
 
 
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "benchmark",
-        help="time each stage of the model on one image",
-        description="Per-stage latency (median / p90 ms) and FPS of a FastInst model on one image, batch size 1.",
+        help="time runtimes and precisions side by side",
+        description="Times every chosen runtime on one image with the official protocol (random weights of a "
+        "released variant, 480x640 image, top-100 instances), interleaved A,B,A,B; prints a Markdown table.",
         formatter_class=HelpFormatter,
     )
-    add_model_argument(parser)
-    parser.add_argument("--image", default=None, help="image file (default: the first bundled demo image)")
+    parser.add_argument("--variant", default="fastinst-d1-r50", choices=sorted(VARIANTS), help="random weights")
+    parser.add_argument("--model", default=None, help="time this trained model instead of random --variant weights")
+    parser.add_argument("--image", default=None, help="image file (default: a bundled demo image at 480x640)")
     add_device_argument(parser)
-    parser.add_argument("--runs", type=int, default=10, help="timed runs")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed runs first")
-    parser.add_argument("--fp16", action="store_true", help="forward pass under CUDA float16 autocast")
+    parser.add_argument("--runtimes", type=_names, default=DEFAULT_RUNTIMES, help=f"any of {', '.join(RUNTIMES)}")
+    parser.add_argument("--runs", type=int, default=5, help="timed rounds (every runtime once per round)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--batch-sizes", type=lambda t: tuple(map(int, _names(t))), default=(1, 4, 8))
+    parser.add_argument("--throughput-runtimes", type=_names, default=("eager", "folded+channels_last"))
+    parser.add_argument("--official-root", default=None, help="PARITY_ROOT of shared/tools/official_parity")
+    parser.add_argument("--official-tools", default=None, help="folder of bench_official.py")
+    parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEERS)}")
+    parser.add_argument("--train-step", action="store_true", help="also time one training step (batch 2, 512px)")
+    parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
+    parser.add_argument("--json", default=None, help="write the full result here")
+    parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.runs < 1 or args.warmup < 0:
-        raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
-    image_path = benchmark_image_path(args.image)
-    try:
-        image = load_image(image_path)
-    except OSError as error:
-        raise InputError(str(error)) from error
+    if args.table_from:
+        try:
+            result = json.loads(Path(args.table_from).read_text())
+        except (OSError, ValueError) as error:
+            raise InputError(f"--table-from {args.table_from}: {error}") from error
+        print(format_table(result))
+        return 0
+    options = _options(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = select_device(args.device)
-    if args.fp16 and device.type != "cuda":
-        raise InputError("--fp16 needs a CUDA device (float16 autocast); use --device cuda or drop --fp16")
-    model, processor, model_dir = load_model_and_processor(args.model, device)
+    if args.model:
+        model, processor, _ = load_model_and_processor(args.model, device)
+    else:
+        torch.manual_seed(0)
+        from .. import FastInstForInstanceSegmentation
 
-    times = benchmark(model, processor, image, device, args.runs, args.warmup, args.fp16)
-    input_size = tuple(processor(images=[image], return_tensors="pt")["pixel_values"].shape[-2:])
-    config = model.config
-    hardware = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{torch.get_num_threads()} CPU threads"
-    print(f"model: {model_dir}")
-    print(
-        f"image: {image_path} ({image.width}x{image.height}) -> padded input {input_size[1]}x{input_size[0]} "
-        f"(test size: short side {config.test_shortest_edge}, long side <= {config.test_longest_edge})"
-    )
-    print(
-        f"device: {device} ({hardware}), torch {torch.__version__}, "
-        f"{'float16 autocast' if args.fp16 else 'float32'}, batch size 1, {args.runs} runs after {args.warmup} warm-up"
-    )
-    print(format_table(times))
+        model, processor = FastInstForInstanceSegmentation(FastInstConfig.from_variant(args.variant)), None
+    processor = processor or FastInstImageProcessor()
+    result = run_benchmark(model, processor, _image(args.image), device, options)
+    result["model"] = args.model or f"{args.variant} (random weights)"
+    print(f"model: {result['model']}")
+    print(format_table(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
     return 0
 
 
-def benchmark_image_path(image: str | None) -> Path:
-    """`--image`, or the first bundled demo image."""
-    if image is None:
+def _options(args: argparse.Namespace) -> BenchmarkOptions:
+    if args.runs < 1 or args.warmup < 0:
+        raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    unknown = [name for name in (*args.runtimes, *args.throughput_runtimes) if name not in RUNTIMES]
+    if unknown:
+        raise InputError(f"--runtimes: unknown {unknown}; choose from {', '.join(RUNTIMES)}")
+    if [peer for peer in args.peers if peer not in PEERS]:
+        raise InputError(f"--peers: choose from {', '.join(PEERS)}, got {', '.join(args.peers)}")
+    if bool(args.official_root) != bool(args.official_tools):
+        raise InputError("--official-root and --official-tools go together")
+    if args.batch_sizes and min(args.batch_sizes) < 1:
+        raise InputError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    return BenchmarkOptions(
+        runtimes=args.runtimes,
+        runs=args.runs,
+        warmup=args.warmup,
+        batch_sizes=args.batch_sizes,
+        throughput_runtimes=args.throughput_runtimes,
+        official_root=args.official_root,
+        official_tools=args.official_tools,
+        peers=args.peers,
+        train_step=args.train_step,
+        force_bf16=args.force_bf16,
+    )
+
+
+def _image(path: str | None) -> np.ndarray:
+    """`--image` as `(H, W, 3)` uint8, or the first bundled demo image resized to 480x640 (the protocol's size)."""
+    if path is None:
         demos = sorted(DEMO_IMAGE_DIR.glob("*.png"))
         if not demos:
             raise InputError(f"no bundled demo image in {DEMO_IMAGE_DIR}; pass --image")
-        return demos[0]
-    path = Path(image)
-    if not path.is_file():
+        return np.asarray(load_image(demos[0]).convert("RGB").resize((640, 480)))
+    if not Path(path).is_file():
         raise InputError(f"--image: file not found: {path}")
-    return path
+    try:
+        return np.asarray(load_image(Path(path)).convert("RGB"))
+    except OSError as error:
+        raise InputError(str(error)) from error

@@ -3,7 +3,7 @@
     fastinst-hf predict photo.jpg images/ "shots/**/*.png" [--model NAME_OR_DIR] [--threshold 0.5]
                 [--device auto|cpu|cuda] [--output ./fastinst_predictions] [--max-instances N]
     fastinst-hf evaluate --coco-json val.json --images val_images/ [--model NAME_OR_DIR] [--threshold 0]
-    fastinst-hf benchmark [--model NAME_OR_DIR] [--image FILE] [--device auto] [--runs 10] [--warmup 3] [--fp16]
+    fastinst-hf benchmark [--variant fastinst-d1-r50 | --model NAME_OR_DIR] [--runtimes eager,folded,...] [--json OUT]
     fastinst-hf convert --checkpoint FILE.pth --variant fastinst-d1-r50 --output-dir DIR
     fastinst-hf train --train-json ... --train-images ... --output-dir runs/x [...]
     fastinst-hf export [--model NAME_OR_DIR] [--output model.onnx] [--height H --width W] [--static]

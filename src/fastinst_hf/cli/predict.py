@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
+from ..inference.levers import OnnxRuntimeModel
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_images
 from ..utils.arguments import HelpFormatter
@@ -47,6 +48,12 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--batch-size", type=int, default=1, help="images per forward pass (results are those of batch size 1)"
     )
+    parser.add_argument(
+        "--runtime",
+        choices=("torch", "onnxruntime"),
+        default="torch",
+        help="onnxruntime: export the model to ONNX once (about a minute) and run it with onnxruntime (CPU)",
+    )
     parser.set_defaults(run=run)
 
 
@@ -61,6 +68,10 @@ def run(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output, "--output")
     device = select_device(args.device)
     model, processor, model_dir = load_model_and_processor(args.model, device)
+    if args.runtime == "onnxruntime":
+        if device.type != "cpu":
+            raise InputError("--runtime onnxruntime runs on the CPU; use --device cpu")
+        model = OnnxRuntimeModel.from_model(model)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -1,105 +1,472 @@
-"""Per-stage latency of a FastInst model on one image at the model's test size.
+"""Side-by-side speed of FastInst runtimes and precisions, with the official protocol (`bench_official.py`).
 
-Stages: preprocess (image processor: resize, normalise, pad, copy to the device), backbone, pixel decoder
-(PPM-FPN), decoder + heads (query proposal, dual-path decoder and prediction heads: the rest of the forward pass),
-postprocess (instance inference to masks at the image size) and total (all of them, end to end). The backbone and
-pixel-decoder times come from forward hooks on `model.model.backbone` and `model.model.pixel_decoder`; on CUDA every
-boundary synchronises the device, so the stage times add up to the measured forward time.
-
-Command line: `fastinst-hf benchmark` (`fastinst_hf.cli.benchmark`) and `scripts/benchmark.py`.
+Protocol (as the official-parity tool times the official model): random weights of a released variant, a 480x640
+RGB image resized to the variant's test size outside the timed region (detectron2 rule, PIL bilinear), then
+- "network": the forward pass on the normalised, zero-padded tensor (prepared outside);
+- "postprocess": top-100 instances at 480x640 (threshold 0, as upstream) from the network outputs;
+- "full": normalise + pad + network + postprocess (the official `model([{"image", "height", "width"}])`).
+Every runtime is timed once per round, rounds repeated (A, B, A, B, ...), so machine load drifts hit all of them
+alike; medians and min-max spreads are reported, with ratios to the first runtime.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn import functional as F
 
 from ..utils.device import synchronize
+from .levers import (
+    AutocastModel,
+    OnnxRuntimeModel,
+    cpu_supports_bf16,
+    prepare_for_inference,
+    to_channels_last,
+)
 
-STAGES = ("preprocess", "backbone", "pixel decoder", "decoder + heads", "postprocess", "total")
-
-
-class _StageTimer:
-    """Forward hooks that record the wall-clock time spent inside a submodule (device synchronised at both ends)."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.device = device
-        self.elapsed = 0.0
-        self._start = 0.0
-        self._handles = [module.register_forward_pre_hook(self._before), module.register_forward_hook(self._after)]
-
-    def _before(self, module, args) -> None:
-        synchronize(self.device)
-        self._start = time.perf_counter()
-
-    def _after(self, module, args, output) -> None:
-        synchronize(self.device)
-        self.elapsed = time.perf_counter() - self._start
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
+# ImageNet mean / std on 0-255 values, as the official model normalises its input.
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 
-@torch.inference_mode()
-def benchmark(
-    model, processor, image, device: torch.device, runs: int = 10, warmup: int = 3, fp16: bool = False
-) -> dict[str, list[float]]:
-    """Time every stage `runs` times after `warmup` untimed runs; returns the times in ms per stage (see `STAGES`).
+@dataclass
+class Runtime:
+    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or onnxruntime."""
 
-    `fp16` runs the forward pass under CUDA autocast (float16); pre- and post-processing stay in float32.
-    """
-    model.eval().to(device)
-    timers = {
-        "backbone": _StageTimer(model.model.backbone, device),
-        "pixel decoder": _StageTimer(model.model.pixel_decoder, device),
+    name: str
+    fold_norms: bool = False
+    channels_last: bool = False
+    compile: bool = False
+    precision: str = "fp32"
+    onnxruntime: bool = False
+
+
+RUNTIMES = {
+    runtime.name: runtime
+    for runtime in (
+        Runtime("eager"),
+        Runtime("folded", fold_norms=True),
+        Runtime("folded+channels_last", fold_norms=True, channels_last=True),
+        Runtime("compile", fold_norms=True, compile=True),
+        Runtime("onnxruntime", onnxruntime=True),
+        Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
+        Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
+        Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
+    )
+}
+DEFAULT_RUNTIMES = ("eager", "folded", "folded+channels_last", "onnxruntime", "bf16+channels_last")
+
+
+def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torch.Tensor:
+    """`(B, 3, H, W)` 0-255 float -> normalised, zero-padded at the bottom/right to a multiple of 32."""
+    images = (images - PIXEL_MEAN.to(images.device)) / PIXEL_STD.to(images.device)
+    height, width = images.shape[-2:]
+    pad_h = -(-height // size_divisibility) * size_divisibility - height
+    pad_w = -(-width // size_divisibility) * size_divisibility - width
+    return F.pad(images, (0, pad_w, 0, pad_h))
+
+
+def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:
+    """`pixel_values -> outputs` for `runtime` (model already on the example's device)."""
+    if runtime.onnxruntime:
+        from .onnx_export import export_onnx
+
+        path = export_onnx(model, workdir / "model.onnx", *example.shape[-2:], dynamic=True)
+        return OnnxRuntimeModel(path, num_threads=torch.get_num_threads())
+    prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
+    if runtime.precision != "fp32":
+        prepared = AutocastModel(prepared, runtime.precision)
+    if not runtime.channels_last:
+        return prepared
+    return lambda pixel_values: prepared(to_channels_last(pixel_values))
+
+
+def available(runtime: Runtime, device: torch.device) -> str | None:
+    """Why `runtime` cannot run here, or None."""
+    if runtime.name.startswith("cuda") != (device.type == "cuda"):
+        return "CUDA runtimes run on CUDA only, CPU runtimes on CPU only"
+    if runtime.onnxruntime and device.type != "cpu":
+        return "the onnxruntime runtime is CPU only here"
+    if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
+        return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
+    return None
+
+
+def summarise(times_ms: list[float]) -> dict:
+    return {
+        "median_ms": statistics.median(times_ms),
+        "min_ms": min(times_ms),
+        "max_ms": max(times_ms),
+        "runs_ms": [round(t, 3) for t in times_ms],
     }
-    autocast = torch.autocast("cuda", dtype=torch.float16) if fp16 else contextlib.nullcontext()
-    times: dict[str, list[float]] = {stage: [] for stage in STAGES}
 
+
+@dataclass
+class Case:
+    """What every runtime is timed on: one image (B copies) resized, and the post-processing target size."""
+
+    images: torch.Tensor  # (B, 3, h, w) 0-255 float at the model input size
+    target_size: tuple[int, int]
+    processor: object
+    device: torch.device
+    pixel_values: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.pixel_values = normalise_and_pad(self.images).to(self.device)
+
+    def postprocess(self, outputs):
+        batch = self.images.shape[0]
+        return self.processor.instance_inference(
+            outputs,
+            threshold=0.0,
+            target_sizes=[self.target_size] * batch,
+            image_sizes=[tuple(self.images.shape[-2:])] * batch,
+        )
+
+
+def time_interleaved(
+    runners: dict[str, Callable], case: Case, warmup: int, runs: int, official: OfficialModel | None = None
+) -> dict[str, dict]:
+    """Times network / postprocess / full of every runner (and the official model), one after the other in each
+    round, so that load changes hit them all alike."""
+    stages = {name: {"network": [], "postprocess": [], "full": []} for name in runners}
+    if official is not None:
+        stages["official"] = {"network": [], "full": []}
+    for round_index in range(warmup + runs):
+        for name, run in runners.items():
+            times = _time_once(run, case)
+            if round_index >= warmup:
+                for stage, value in times.items():
+                    stages[name][stage].append(value)
+        if official is not None:
+            times = official.measure()
+            if round_index >= warmup:
+                for stage, value in times.items():
+                    stages["official"][stage].append(value)
+    return {name: {stage: summarise(times) for stage, times in result.items()} for name, result in stages.items()}
+
+
+def _time_once(run: Callable, case: Case) -> dict[str, float]:
+    """ms of the network on the prepared tensor, of the post-processing, and of normalise + network + post."""
+    synchronize(case.device)
+    start = time.perf_counter()
+    outputs = run(case.pixel_values)
+    synchronize(case.device)
+    forwarded = time.perf_counter()
+    case.postprocess(outputs)
+    synchronize(case.device)
+    post = time.perf_counter()
+    case.postprocess(run(normalise_and_pad(case.images.to(case.device))))
+    synchronize(case.device)
+    end = time.perf_counter()
+    return {"network": (forwarded - start) * 1e3, "postprocess": (post - forwarded) * 1e3, "full": (end - post) * 1e3}
+
+
+# Runs in the official environment (cwd: the parity tools): builds the official model exactly as bench_official.py
+# does, then times one "network" and one "full" call per line read from stdin, so that its runs interleave with ours.
+OFFICIAL_DRIVER = """
+import json, os, sys, time
+import torch
+import bench_official as B, common as C
+key, threads = sys.argv[1], int(sys.argv[2])
+torch.set_num_threads(threads)
+cfg = C.make_cfg(os.path.join(C.CONFIG_DIR, B.CONFIGS[key][0]), C.COMMON_OVERRIDES)
+img, _ = C.load_image("astronaut_480x640")
+chw = C.preprocess(cfg, img)
+model = C.build_fresh(cfg, 0)
+x = C.images_tensor_of(model, chw)
+C.perturb_weights(model, 1234, x)
+model.eval()
+inputs = [{"image": torch.as_tensor(chw), "height": img.shape[0], "width": img.shape[1]}]
+print(json.dumps({"model_input_hw": list(chw.shape[1:])}), flush=True)
+with torch.no_grad():
+    for _ in sys.stdin:
+        start = time.perf_counter()
+        model.sem_seg_head(model.backbone(x))
+        middle = time.perf_counter()
+        model(inputs)
+        end = time.perf_counter()
+        print(json.dumps({"network": (middle - start) * 1e3, "full": (end - middle) * 1e3}), flush=True)
+"""
+
+
+class OfficialModel:
+    """The official FastInst in the environment `shared/tools/official_parity/setup_official.sh` built under
+    `parity_root`, as a subprocess (detectron2 never enters this process); `measure()` times one network and one
+    full call."""
+
+    def __init__(self, parity_root: str, tools_dir: str, variant_key: str, threads: int):
+        python = Path(parity_root) / "venv" / "bin" / "python"
+        if not python.is_file():
+            raise FileNotFoundError(f"no official environment at {parity_root} (expected {python})")
+        environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+        environment["PARITY_ROOT"] = str(parity_root)
+        command = [str(python), "-W", "ignore", "-c", OFFICIAL_DRIVER, variant_key, str(threads)]
+        self.process = subprocess.Popen(
+            command, cwd=tools_dir, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the official model process ended (exit status {self.process.wait()})")
+        return json.loads(line)
+
+    def measure(self) -> dict[str, float]:
+        self.process.stdin.write("\n")
+        self.process.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.process.stdin.close()
+        self.process.wait()
+
+
+def cpu_description() -> str:
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+            lines = cpuinfo.read().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+        model = f"{names[0] if names else model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
+    return model
+
+
+def as_numpy_image(image) -> np.ndarray:
+    return np.asarray(image.convert("RGB"))
+
+
+def make_case(config, image: np.ndarray, batch_size: int, processor, device: torch.device) -> Case:
+    """`image` (H, W, 3) uint8 resized to the config's test size (detectron2 rule, PIL bilinear), B copies."""
+    from PIL import Image
+
+    from ..image_processing_fastinst import get_fastinst_output_image_size
+
+    height, width = get_fastinst_output_image_size(
+        image.shape[0], image.shape[1], config.test_shortest_edge, config.test_longest_edge
+    )
+    resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+    chw = torch.from_numpy(resized.astype(np.float32).transpose(2, 0, 1).copy())
+    return Case(chw[None].repeat(batch_size, 1, 1, 1), tuple(image.shape[:2]), processor, device)
+
+
+def time_training_step(config, batch_size: int, size: int, steps: int, warmup: int) -> dict:
+    """One optimisation step (forward with the loss, backward, AdamW step) on random images and square masks."""
+    import resource
+
+    from .. import FastInstForInstanceSegmentation
+
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(config).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    pixel_values = torch.randn(batch_size, 3, size, size)
+    mask_labels, class_labels = [], []
+    for index in range(batch_size):
+        masks = torch.zeros(3, size, size)
+        for k in range(3):
+            start = 32 * (k + index + 1)
+            masks[k, start : start + size // 4, start : start + size // 3] = 1
+        mask_labels.append(masks)
+        class_labels.append(torch.tensor([0, 1, 2]))
+    times = []
+    for step in range(warmup + steps):
+        start = time.perf_counter()
+        loss = model(pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {**summarise(times), "batch_size": batch_size, "size": size, "process_peak_rss_mib": peak_kib / 1024}
+
+
+def time_mask2former(case: Case, warmup: int, runs: int) -> dict:
+    """transformers' Mask2Former with a ResNet-50 backbone, random weights, same input: network and full."""
+    from transformers import (
+        Mask2FormerConfig,
+        Mask2FormerForUniversalSegmentation,
+        Mask2FormerImageProcessor,
+        ResNetConfig,
+    )
+
+    backbone = ResNetConfig(out_features=["stage1", "stage2", "stage3", "stage4"])
+    model = Mask2FormerForUniversalSegmentation(Mask2FormerConfig(backbone_config=backbone)).eval()
+    processor = Mask2FormerImageProcessor()
+    times = {"network": [], "full": []}
+    for round_index in range(warmup + runs):
+        start = time.perf_counter()
+        outputs = model(pixel_values=case.pixel_values)
+        forwarded = time.perf_counter()
+        processor.post_process_instance_segmentation(outputs, threshold=0.0, target_sizes=[case.target_size])
+        end = time.perf_counter()
+        if round_index >= warmup:
+            times["network"].append((forwarded - start) * 1000)
+            times["full"].append((end - start) * 1000)
+    return {stage: summarise(values) for stage, values in times.items()}
+
+
+def time_yolo(model_yaml: str, image: np.ndarray, warmup: int, runs: int) -> dict:
+    """ultralytics YOLO segmentation built from its yaml (random weights), `predict` at 640 on the same image."""
+    from ultralytics import YOLO
+
+    model = YOLO(model_yaml)
+    bgr = np.ascontiguousarray(image[..., ::-1])
+    times = []
+    for round_index in range(warmup + runs):
+        start = time.perf_counter()
+        model.predict(bgr, imgsz=640, device="cpu", verbose=False)
+        if round_index >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return {"full": summarise(times)}
+
+
+@dataclass
+class BenchmarkOptions:
+    runtimes: tuple[str, ...] = DEFAULT_RUNTIMES
+    runs: int = 5
+    warmup: int = 2
+    batch_sizes: tuple[int, ...] = (1, 4, 8)
+    throughput_runtimes: tuple[str, ...] = ("eager", "folded+channels_last")
+    official_root: str | None = None
+    official_tools: str | None = None
+    official_key: str = "d1"
+    peers: tuple[str, ...] = ()
+    train_step: bool = False
+    force_bf16: bool = False
+
+
+def run_benchmark(model, processor, image: np.ndarray, device: torch.device, options: BenchmarkOptions) -> dict:
+    """Every runtime of `options` side by side (interleaved), batch throughput, and the optional extras.
+
+    `image` is `(H, W, 3)` uint8 (the official protocol uses 480x640). Returns a JSON-ready dict.
+    """
+    model = model.to(device).eval()
+    config = model.config
+    case = make_case(config, image, 1, processor, device)
+    result = {
+        "cpu": cpu_description(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "bf16_units": cpu_supports_bf16(),
+        "image_hw": list(image.shape[:2]),
+        "model_input_hw": list(case.images.shape[-2:]),
+        "padded_hw": list(case.pixel_values.shape[-2:]),
+        "runs": options.runs,
+        "warmup": options.warmup,
+        "skipped": {},
+    }
+    names = [name for name in options.runtimes if _skip_reason(name, device, options, result) is None]
+    with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
+        runners = {name: build_runner(RUNTIMES[name], model, case.pixel_values, Path(workdir)) for name in names}
+        result.update(_time_runtimes(runners, case, options))
+        chosen = {name: runners[name] for name in options.throughput_runtimes if name in runners}
+        result["throughput"] = {
+            str(batch_size): _throughput(chosen, make_case(config, image, batch_size, processor, device), options)
+            for batch_size in options.batch_sizes
+        }
+        if "mask2former" in options.peers:
+            result["mask2former"] = time_mask2former(case, options.warmup, options.runs)
+    for peer in options.peers:
+        if peer.startswith("yolo"):
+            result[peer] = time_yolo(f"{peer}.yaml", image, options.warmup, options.runs)
+    if options.train_step:
+        result["train_step"] = time_training_step(config, batch_size=2, size=512, steps=options.runs, warmup=1)
+    return result
+
+
+def _time_runtimes(runners: dict[str, Callable], case: Case, options: BenchmarkOptions) -> dict:
+    """`{"runtimes": ..., "official": ...}`: our runners, interleaved with the official model when asked for."""
+    if not options.official_root:
+        return {"runtimes": time_interleaved(runners, case, options.warmup, options.runs)}
+    threads = torch.get_num_threads()
+    official = OfficialModel(options.official_root, options.official_tools, options.official_key, threads)
     try:
-        for run in range(warmup + runs):
-            synchronize(device)
-            start = time.perf_counter()
-            pixel_values = processor(images=[image], return_tensors="pt")["pixel_values"].to(device)
-            synchronize(device)
-            preprocessed = time.perf_counter()
-            with autocast:
-                outputs = model(pixel_values=pixel_values)
-            synchronize(device)
-            forwarded = time.perf_counter()
-            processor.post_process_instance_segmentation(
-                outputs, threshold=0.5, target_sizes=[(image.height, image.width)], return_binary_maps=True
-            )
-            synchronize(device)
-            end = time.perf_counter()
-            if run < warmup:
-                continue
-            backbone, pixel_decoder = timers["backbone"].elapsed, timers["pixel decoder"].elapsed
-            for stage, seconds in (
-                ("preprocess", preprocessed - start),
-                ("backbone", backbone),
-                ("pixel decoder", pixel_decoder),
-                ("decoder + heads", forwarded - preprocessed - backbone - pixel_decoder),
-                ("postprocess", end - forwarded),
-                ("total", end - start),
-            ):
-                times[stage].append(seconds * 1000)
+        timed = time_interleaved(runners, case, options.warmup, options.runs, official)
     finally:
-        for timer in timers.values():
-            timer.remove()
-    return times
+        official.close()
+    return {"runtimes": timed, "official": timed.pop("official"), "official_model_input": official.info}
 
 
-def format_table(times: dict[str, list[float]]) -> str:
-    """Median and 90th-percentile ms per stage, and the FPS of the median total."""
-    lines = [f"{'stage':<16} {'median ms':>10} {'p90 ms':>10}"]
-    for stage in STAGES:
-        values = np.asarray(times[stage])
-        lines.append(f"{stage:<16} {np.median(values):10.2f} {np.percentile(values, 90):10.2f}")
-    median_total = float(np.median(times["total"]))
-    lines.append(f"FPS (1000 / median total): {1000.0 / median_total:.1f}")
+def _throughput(runners: dict[str, Callable], batch: Case, options: BenchmarkOptions) -> dict[str, float]:
+    """Images per second of normalise + network + post-processing on `batch`, per runner (interleaved rounds)."""
+    times = {name: [] for name in runners}
+    for round_index in range(min(options.warmup, 1) + max(1, options.runs // 2)):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            batch.postprocess(run(normalise_and_pad(batch.images.to(batch.device))))
+            synchronize(batch.device)
+            if round_index >= min(options.warmup, 1):
+                times[name].append(time.perf_counter() - start)
+    return {name: batch.images.shape[0] / statistics.median(values) for name, values in times.items()}
+
+
+def _skip_reason(name: str, device: torch.device, options: BenchmarkOptions, result: dict) -> str | None:
+    reason = available(RUNTIMES[name], device)
+    if reason and options.force_bf16 and RUNTIMES[name].precision == "bf16" and device.type == "cpu":
+        reason = None
+    if reason:
+        result["skipped"][name] = reason
+    return reason
+
+
+def _cell(stats: dict | None) -> str:
+    if not stats:
+        return "-"
+    return f"{stats['median_ms']:.0f} ({stats['min_ms']:.0f}-{stats['max_ms']:.0f})"
+
+
+def format_table(result: dict) -> str:
+    """Markdown table of a `run_benchmark` result: ms median (min-max) per stage, full-time ratios."""
+    reference = result["official"]["full"]["median_ms"] if "official" in result else None
+    rows = []
+    if "official" in result:
+        rows.append(("official code (detectron2)", result["official"]["network"], None, result["official"]["full"]))
+    for name, stages in result.get("runtimes", {}).items():
+        rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"]))
+    for peer in ("mask2former", "yolo11s-seg", "yolo11m-seg"):
+        if peer in result:
+            rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"]))
+    lines = [
+        f"CPU: {result['cpu']}, {result['threads']} threads, torch {result['torch']}; image {result['image_hw']} -> "
+        f"model input {result['model_input_hw']} (padded {result['padded_hw']}); median (min-max) of "
+        f"{result['runs']} interleaved runs",
+        "",
+        "| runtime | network ms | postprocess ms | full ms | full / official |",
+        "|---|---|---|---|---|",
+    ]
+    for label, network, post, full in rows:
+        ratio = f"{full['median_ms'] / reference:.2f}" if reference else "-"
+        lines.append(f"| {label} | {_cell(network)} | {_cell(post)} | {_cell(full)} | {ratio} |")
+    if result.get("throughput"):
+        lines += ["", "| images/s (full) | " + " | ".join(f"batch {b}" for b in result["throughput"]) + " |"]
+        lines.append("|---|" + "---|" * len(result["throughput"]))
+        names = next(iter(result["throughput"].values())).keys()
+        for name in names:
+            values = " | ".join(f"{result['throughput'][b][name]:.2f}" for b in result["throughput"])
+            lines.append(f"| {name} | {values} |")
+    if "train_step" in result:
+        step = result["train_step"]
+        lines += [
+            "",
+            f"Training step (D1 config, batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + "
+            f"AdamW): {_cell(step)} ms; process peak RSS {step['process_peak_rss_mib']:.0f} MiB",
+        ]
+    lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)

@@ -1,0 +1,173 @@
+"""Inference speed levers for FastInst on CPU (and CUDA), each behind its own switch.
+
+- `fold_batch_norms`: a copy of the model whose (frozen or eval-mode) batch norms are folded into the preceding
+  convolutions: one op less per conv, same outputs up to float rounding. The original model and its state dict
+  are untouched (the copy is for inference only).
+- `channels_last`: NHWC memory format for the convolutions (oneDNN's preferred layout on CPU).
+- `compile`: `torch.compile` of the forward pass.
+- `autocast_context("bf16")`: bfloat16 autocast, useful only on CPUs with bf16 units (`cpu_supports_bf16`);
+  on other CPUs it is emulated and slower.
+- `OnnxRuntimeModel`: the exported ONNX graph (`onnx_export.export_onnx`) run by onnxruntime.
+
+Which ones pay, and by how much, is measured by `fastinst-hf benchmark`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import tempfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+from torch import nn
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+def _batch_norm_scale_and_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """`norm(x) == x * scale + shift` per channel (float64, to add no rounding of our own)."""
+    scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+    shift = norm.bias.double() - norm.running_mean.double() * scale
+    return scale, shift
+
+
+def _fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
+    """A new `nn.Conv2d` (with bias) computing `norm(conv(x))`."""
+    scale, shift = _batch_norm_scale_and_shift(norm)
+    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else shift + conv.bias.detach().double() * scale
+    folded = nn.Conv2d(
+        conv.in_channels,
+        conv.out_channels,
+        conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        groups=conv.groups,
+        bias=True,
+        padding_mode=conv.padding_mode,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
+    with torch.no_grad():
+        folded.weight.copy_(weight)
+        folded.bias.copy_(bias)
+    return folded.requires_grad_(False)
+
+
+def _is_foldable_norm(module: nn.Module) -> bool:
+    return isinstance(module, FrozenBatchNorm2d) or (
+        isinstance(module, nn.BatchNorm2d) and not module.training and module.track_running_stats
+    )
+
+
+def fold_batch_norms(model: nn.Module) -> nn.Module:
+    """
+    A deep copy of `model` in which every plain `nn.Conv2d` directly followed by a frozen (or eval-mode) batch norm
+    is replaced by one convolution with the norm folded in, and the norm by `nn.Identity`.
+
+    "Directly followed" means the next child of the same parent module, in registration order, which is also the
+    order of the forward pass in transformers' and timm's ResNets and in our ResNet-vd (conv -> norm -> act).
+    Deformable convolutions keep their batch norm. Returns the copy in eval mode; `model` is not modified.
+    """
+    folded = copy.deepcopy(model).eval()
+    for parent in folded.modules():
+        children = list(parent.named_children())
+        for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
+            if type(conv) is nn.Conv2d and _is_foldable_norm(norm) and norm.weight.shape[0] == conv.out_channels:
+                setattr(parent, conv_name, _fold_into_conv(conv, norm))
+                setattr(parent, norm_name, nn.Identity())
+    return folded
+
+
+def prepare_for_inference(
+    model: nn.Module, fold_norms: bool = True, channels_last: bool = False, compile: bool = False
+) -> nn.Module:
+    """The model with the chosen levers applied (a folded copy when `fold_norms`; otherwise `model` itself in eval
+    mode). With `channels_last`, feed inputs made by `to_channels_last` for the full benefit."""
+    model = fold_batch_norms(model) if fold_norms else model.eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model = torch.compile(model)
+    return model
+
+
+def to_channels_last(pixel_values: torch.Tensor) -> torch.Tensor:
+    return pixel_values.contiguous(memory_format=torch.channels_last)
+
+
+def cpu_supports_bf16() -> bool:
+    """Whether this CPU has bfloat16 units oneDNN can use (AVX-512 BF16 / AMX on x86, BF16 on Arm)."""
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def autocast_context(precision: str, device: torch.device | str = "cpu"):
+    """Autocast for `precision` ("fp32": none; "bf16"; "fp16": CUDA only) on `device`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    device_type = torch.device(device).type
+    if precision == "fp16" and device_type != "cuda":
+        raise ValueError("precision 'fp16' needs a CUDA device; use 'bf16' or 'fp32' on CPU")
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+class OnnxRuntimeModel:
+    """
+    An exported FastInst ONNX graph run by onnxruntime, called like the PyTorch model on `pixel_values`
+    `(B, 3, H, W)` (float32, H and W multiples of 32); returns an object with `class_queries_logits` and
+    `masks_queries_logits` tensors, which the image processor's post-processing accepts.
+    """
+
+    def __init__(self, path, num_threads: int | None = None, config=None):
+        import onnxruntime
+
+        self.config = config
+        self.device = torch.device("cpu")
+
+        options = onnxruntime.SessionOptions()
+        if num_threads:
+            options.intra_op_num_threads = num_threads
+        options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.output_names = [output.name for output in self.session.get_outputs()]
+
+    @classmethod
+    def from_model(cls, model, num_threads: int | None = None) -> "OnnxRuntimeModel":
+        """Export `model` (dynamic batch and size) to a temporary folder kept while the returned object lives."""
+        from .onnx_export import export_onnx
+
+        folder = tempfile.TemporaryDirectory(prefix="fastinst_onnx_")
+        side = 32 * max(4, math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2))
+        runtime = cls(export_onnx(model, Path(folder.name) / "model.onnx", side, side), num_threads, model.config)
+        runtime._folder = folder
+        return runtime
+
+    def __call__(self, pixel_values: torch.Tensor, **kwargs) -> SimpleNamespace:
+        feed = {"pixel_values": pixel_values.detach().cpu().float().contiguous().numpy()}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return SimpleNamespace(**{name: torch.from_numpy(value) for name, value in outputs.items()})
+
+
+class AutocastModel(nn.Module):
+    """`model` run under `autocast_context(precision)`, its two prediction tensors returned in float32 (the
+    post-processing thresholds probabilities, which bfloat16's 8-bit mantissa would blur)."""
+
+    def __init__(self, model: nn.Module, precision: str):
+        super().__init__()
+        self.model = model
+        self.precision = precision
+        autocast_context(precision, next(model.parameters()).device)  # validates the precision early
+
+    def forward(self, pixel_values: torch.Tensor, **kwargs):
+        with autocast_context(self.precision, pixel_values.device):
+            outputs = self.model(pixel_values=pixel_values, **kwargs)
+        outputs.class_queries_logits = outputs.class_queries_logits.float()
+        outputs.masks_queries_logits = outputs.masks_queries_logits.float()
+        return outputs

@@ -1,0 +1,104 @@
+"""Inference levers: batch-norm folding, channels_last, autocast switches, onnxruntime runtime."""
+
+import pytest
+import torch
+from transformers import ResNetConfig
+
+from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
+from fastinst_hf.inference.levers import (
+    OnnxRuntimeModel,
+    autocast_context,
+    cpu_supports_bf16,
+    fold_batch_norms,
+    prepare_for_inference,
+    to_channels_last,
+)
+from fastinst_hf.modeling_fastinst import FastInstFrozenBatchNorm2d
+
+
+def tiny_model(backbone_config) -> FastInstForInstanceSegmentation:
+    config = FastInstConfig(
+        backbone_config=backbone_config,
+        hidden_dim=32,
+        pixel_decoder_channels=32,
+        mask_dim=32,
+        group_norm_groups=8,
+        num_queries=10,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        decoder_layers=1,
+    )
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(config).eval()
+    # Non-trivial statistics, so that a wrong fold cannot pass.
+    for module in model.modules():
+        if isinstance(module, FastInstFrozenBatchNorm2d):
+            module.running_mean.uniform_(-0.5, 0.5)
+            module.running_var.uniform_(0.5, 2.0)
+            module.weight.uniform_(0.5, 1.5)
+            module.bias.uniform_(-0.2, 0.2)
+    return model
+
+
+RESNET = ResNetConfig(
+    embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
+)
+RESNET_VD = FastInstResNetVdConfig(
+    stem_width=8,
+    embedding_size=16,
+    hidden_sizes=[32, 64, 128, 256],
+    depths=[1, 1, 1, 1],
+    deformable_stages=[False, True, True, True],
+    out_features=["stage2", "stage3", "stage4"],
+)
+
+
+@pytest.mark.parametrize("backbone_config", [RESNET, RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
+def test_folded_model_gives_the_same_outputs_and_leaves_the_original_alone(backbone_config):
+    model = tiny_model(backbone_config)
+    state = {name: value.clone() for name, value in model.state_dict().items()}
+    folded = fold_batch_norms(model)
+    norms = [m for m in folded.model.backbone.modules() if isinstance(m, FastInstFrozenBatchNorm2d)]
+    # Only the stem's last norm (after a Sequential) and the deformable convs' norms are kept.
+    assert len(norms) == (4 if backbone_config is RESNET_VD else 0)
+    pixel_values = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        expected, actual = model(pixel_values), folded(pixel_values)
+    torch.testing.assert_close(actual.class_queries_logits, expected.class_queries_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-4, atol=1e-4)
+    assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+def test_channels_last_gives_the_same_outputs():
+    model = tiny_model(RESNET)
+    fast = prepare_for_inference(model, fold_norms=True, channels_last=True)
+    pixel_values = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        expected, actual = model(pixel_values), fast(to_channels_last(pixel_values))
+    torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_autocast_switches():
+    assert isinstance(cpu_supports_bf16(), bool)
+    with autocast_context("bf16"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.bfloat16
+    with autocast_context("fp32"):
+        assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        autocast_context("fp16", "cpu")
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast_context("int4")
+
+
+@pytest.mark.slow  # an ONNX export
+def test_onnxruntime_model_matches_pytorch(tmp_path):
+    from fastinst_hf.inference.onnx_export import export_onnx
+
+    model = tiny_model(RESNET)
+    path = export_onnx(model, tmp_path / "model.onnx", height=128, width=160, dynamic=False)
+    pixel_values = torch.randn(1, 3, 128, 160)
+    with torch.no_grad():
+        expected = model(pixel_values)
+    actual = OnnxRuntimeModel(path, num_threads=1)(pixel_values)
+    torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-3, atol=1e-3)

@@ -1,0 +1,54 @@
+"""Post-processing internals: our run-length encoding, chunked masks and the bounded-memory two-pass path."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from fastinst_hf import image_processing_fastinst as processing
+from fastinst_hf.image_processing_fastinst import FastInstImageProcessor, binary_mask_to_rle
+
+
+def random_outputs(seed: int = 0, queries: int = 12, classes: int = 3) -> SimpleNamespace:
+    generator = torch.Generator().manual_seed(seed)
+    return SimpleNamespace(
+        class_queries_logits=3 * torch.randn(1, queries, classes + 1, generator=generator),
+        masks_queries_logits=2 * torch.randn(1, queries, 6, 8, generator=generator),
+    )
+
+
+def test_binary_mask_to_rle_matches_transformers_format():
+    from transformers.models.mask2former.image_processing_mask2former import binary_mask_to_rle as reference
+
+    rng = np.random.default_rng(0)
+    masks = [rng.random((5, 7)) > 0.5, np.ones((3, 4), bool), np.zeros((3, 4), bool), np.eye(4, dtype=bool)]
+    for mask in masks:
+        assert binary_mask_to_rle(torch.from_numpy(mask)) == [int(v) for v in reference(mask)]
+    assert binary_mask_to_rle(torch.tensor([[0, 1, 1], [1, 0, 1]])) == [2, 3, 6, 1]
+
+
+def test_chunk_size_does_not_change_the_masks():
+    logits = 2 * torch.randn(7, 6, 8, generator=torch.Generator().manual_seed(1))
+    runs = [
+        list(processing.iter_binary_masks(logits, (40, 60), (50, 70), 0.5, chunk_pixels=pixels))
+        for pixels in (1, 3 * 64 * 70, 10**9)
+    ]
+    assert [len(run) for run in runs] == [7, 3, 1]
+    for run in runs[:2]:
+        for key in (1, 2, 3):
+            assert torch.equal(torch.cat([chunk[key] for chunk in run]), runs[2][0][key])
+
+
+@pytest.mark.parametrize("kind", ["map", "rle"])
+def test_two_pass_post_processing_equals_the_single_pass(monkeypatch, kind):
+    outputs, processor = random_outputs(), FastInstImageProcessor()
+    kwargs = dict(threshold=0.0, target_sizes=[(37, 53)], image_sizes=[(44, 60)], return_coco_annotation=kind == "rle")
+    (single,) = processor.post_process_instance_segmentation(outputs, **kwargs)
+    monkeypatch.setattr(processing, "MAX_MASK_BYTES", 0)
+    (streamed,) = processor.post_process_instance_segmentation(outputs, **kwargs)
+    assert streamed["segments_info"] == single["segments_info"] and len(single["segments_info"]) > 5
+    if kind == "map":
+        assert torch.equal(streamed["segmentation"], single["segmentation"])
+    else:
+        assert streamed["segmentation"] == single["segmentation"]
