@@ -5,10 +5,8 @@ import importlib.util
 from pathlib import Path
 
 import numpy as np
+from conftest import tiny_config
 from PIL import Image
-from transformers import ResNetConfig
-
-from fastinst_hf import FastInstConfig
 
 SCRIPTS = Path(__file__).parent.parent / "scripts"
 
@@ -18,29 +16,6 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def tiny_config() -> FastInstConfig:
-    backbone = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    return FastInstConfig(
-        backbone_config=backbone,
-        hidden_dim=32,
-        pixel_decoder_channels=32,
-        mask_dim=32,
-        group_norm_groups=8,
-        num_queries=10,
-        num_attention_heads=4,
-        dim_feedforward=64,
-        decoder_layers=1,
-        test_shortest_edge=64,
-        test_longest_edge=96,
-    )
 
 
 def test_benchmark_cpu_vs_official_times_every_stage(tmp_path):

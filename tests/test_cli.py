@@ -8,11 +8,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from conftest import tiny_config
 from PIL import Image
-from transformers import ResNetConfig
 
 import fastinst_hf
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.cli import main
 from fastinst_hf.conversion.official import config_from_detectron2, save_converted
 from fastinst_hf.data.synthetic import make_shapes_dataset
@@ -32,27 +32,7 @@ FIXTURE = Path(__file__).parent / "fixtures" / "d1_r50slim_small"
 def tiny_model_dir(tmp_path_factory) -> Path:
     """A randomly initialised FastInst small enough to run in milliseconds, saved with its image processor."""
     torch.manual_seed(0)
-    backbone = ResNetConfig(
-        embedding_size=16,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        layer_type="basic",
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    config = FastInstConfig(
-        backbone_config=backbone,
-        hidden_dim=32,
-        pixel_decoder_channels=32,
-        mask_dim=32,
-        group_norm_groups=8,
-        num_queries=10,
-        num_attention_heads=4,
-        dim_feedforward=64,
-        decoder_layers=1,
-        test_shortest_edge=64,
-        test_longest_edge=96,
-        id2label={0: "circle", 1: "square"},
-    )
+    config = tiny_config()
     return save_converted(FastInstForInstanceSegmentation(config), tmp_path_factory.mktemp("tiny") / "model")
 
 

@@ -2,9 +2,10 @@
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import ResNetConfig
 
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
 from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
@@ -18,17 +19,7 @@ from fastinst_hf.modeling_fastinst import FastInstFrozenBatchNorm2d
 
 
 def tiny_model(backbone_config) -> FastInstForInstanceSegmentation:
-    config = FastInstConfig(
-        backbone_config=backbone_config,
-        hidden_dim=32,
-        pixel_decoder_channels=32,
-        mask_dim=32,
-        group_norm_groups=8,
-        num_queries=10,
-        num_attention_heads=4,
-        dim_feedforward=64,
-        decoder_layers=1,
-    )
+    config = tiny_config(backbone_config=backbone_config)
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(config).eval()
     # Non-trivial statistics, so that a wrong fold cannot pass.
