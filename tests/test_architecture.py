@@ -31,6 +31,8 @@ ALLOWED_LAYERS = {
 }
 # Absolute imports a shipped file may make: what a user of a transformers model has installed.
 SHIPPED_ALLOWED = {"torch", "torchvision", "transformers", "huggingface_hub", "numpy", "PIL"}
+# Training-only dependencies: allowed inside a function or a guarded block (`if is_scipy_available():`), never as a
+# plain module-level import, so that inference and remote-code loading work without them.
 SHIPPED_ALLOWED_IN_FUNCTIONS = {"scipy"}
 
 
