@@ -8,7 +8,11 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
+from ..image_processing_fastinst import instance_inference_single, iter_instance_masks
 from ..utils.device import synchronize
+from ..utils.packed_masks import PackedMasks
+
+MASK_THRESHOLD = 0.5
 
 
 def predict_image(model, processor, image, device, threshold: float, max_instances: int | None):
@@ -21,8 +25,10 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
     """Segment a list of PIL images in one batch per padded input size, so that every result is the one it gets
     alone (a smaller image padded to a larger one's size would see other zeros).
 
-    Returns `((masks, labels, scores), timings)`: per image, masks `(N, H, W)` bool numpy at its size, labels and
-    scores; and the stage times in ms per image (each batch's time shared equally by its images).
+    Returns `((masks, labels, scores), timings)`: per image, masks `(N, H, W)` bool at its size (`PackedMasks`: one
+    bit per pixel, so that many instances of a large image fit in memory), labels and scores; and the stage times in
+    ms per image (each batch's time shared equally by its images). The instances are those of the processor's
+    `post_process_instance_segmentation` (non-empty masks, by descending score).
     """
     start = time.perf_counter()
     inputs = [processor(images=[image], return_tensors="pt") for image in images]
@@ -42,13 +48,15 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
     results = [None] * len(images)
     for indices, output in outputs.items():
         sizes = [(images[i].height, images[i].width) for i in indices]
-        processed = processor.post_process_instance_segmentation(
-            output, threshold=threshold, target_sizes=sizes, return_binary_maps=True
-        )
-        for i, result in zip(indices, processed):
-            infos = result["segments_info"][:max_instances]
-            masks = result["segmentation"][: len(infos)].cpu().numpy()
-            results[i] = (masks, [info["label_id"] for info in infos], [info["score"] for info in infos])
+        for index, (position, mask_sizes) in zip(indices, enumerate(processor._mask_sizes(output, sizes, None))):
+            results[index] = _instances(
+                output.class_queries_logits[position],
+                output.masks_queries_logits[position],
+                *mask_sizes,
+                threshold,
+                processor.num_detections,
+                max_instances,
+            )
     done = time.perf_counter()
     per_image = 1000 / max(len(images), 1)
     timings = {
@@ -57,6 +65,21 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
         "postprocess": (done - inferred) * per_image,
     }
     return tuple(zip(*results)) if results else ((), (), ()), timings
+
+
+def _instances(class_logits, mask_logits, resized_size, output_size, threshold, num_detections, max_instances):
+    """One image's instances with masks made and packed one chunk at a time (never all of them as bytes)."""
+    args = (resized_size, output_size, threshold, MASK_THRESHOLD, num_detections)
+    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=False)
+    non_empty = instance["areas"] > 0
+    queries = instance["query_indices"][non_empty][:max_instances]
+    masks = iter_instance_masks(mask_logits, queries, resized_size, output_size, MASK_THRESHOLD)
+    packed = PackedMasks((mask.cpu().numpy() for mask in masks), output_size)
+    return (
+        packed,
+        instance["labels"][non_empty][:max_instances].tolist(),
+        instance["scores"][non_empty][:max_instances].tolist(),
+    )
 
 
 def instances_to_records(masks, labels, scores, id2label) -> list[dict]:

@@ -15,6 +15,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from scipy.ndimage import distance_transform_edt
 
+from .packed_masks import PackedMasks
+
 # Font height = shorter image side / FONT_DIVISOR (at least MIN_FONT_SIZE); contour width likewise.
 FONT_DIVISOR = 24
 MIN_FONT_SIZE = 11
@@ -139,12 +141,13 @@ def layout_tags(
     image_size = (masks.shape[2], masks.shape[1])
     placed: list[Tag] = []
     for index in np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable"):
-        if not masks[index].any():
+        mask = masks[index]
+        if not mask.any():
             continue
         left, top, right, bottom = font.getbbox(texts[index])
         pad = max(2, (bottom - top) // 5)
         size = (right - left + 2 * pad, bottom - top + 2 * pad)
-        box = _free_box(tag_candidates(masks[index]), size, image_size, [tag.box for tag in placed])
+        box = _free_box(tag_candidates(mask), size, image_size, [tag.box for tag in placed])
         placed.append(Tag(int(index), texts[index], box))
     return placed
 
@@ -152,11 +155,12 @@ def layout_tags(
 def _paint_masks(canvas: np.ndarray, masks: np.ndarray, scores, colours, alpha: float, line_width: int) -> None:
     """Fill and outline every mask on the float canvas [H, W, 3] in place, lowest score first (best on top)."""
     for index in np.argsort(np.asarray(scores, dtype=np.float64), kind="stable"):
-        if not masks[index].any():
+        mask = masks[index]
+        if not mask.any():
             continue
         # Work on the bounding box only: on large images the masks are small compared with the canvas.
-        rows, cols = _bbox(masks[index])
-        mask, region = masks[index][rows, cols], canvas[rows, cols]
+        rows, cols = _bbox(mask)
+        mask, region = mask[rows, cols], canvas[rows, cols]
         colour = np.asarray(colours[index], dtype=np.float32)
         region[mask] = (1 - alpha) * region[mask] + alpha * colour
         region[mask_contour(mask, line_width)] = colour
@@ -174,15 +178,16 @@ def draw_instances(
 
     Args:
         image: the original image (any PIL mode; converted to RGB).
-        masks: `(N, H, W)` bool masks at the image size.
+        masks: `(N, H, W)` bool masks at the image size (an array, a tensor, or `PackedMasks`).
         labels: `(N,)` class ids, named through `id2label` (the id itself when absent).
         scores: `(N,)` scores; instances are painted from the lowest to the highest score so that the most confident
             one is on top where masks overlap.
         alpha: opacity of the mask fill.
     """
     canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
-    masks = np.asarray(masks, dtype=bool)
-    if masks.ndim != 3 or masks.shape[1:] != canvas.shape[:2]:
+    if not isinstance(masks, PackedMasks):  # packed masks stay packed: they are unpacked one at a time
+        masks = np.asarray(masks, dtype=bool)
+    if len(masks.shape) != 3 or tuple(masks.shape[1:]) != canvas.shape[:2]:
         raise ValueError(f"masks must be (N, {canvas.shape[0]}, {canvas.shape[1]}), got {masks.shape}")
     font_size, line_width = overlay_sizes(*canvas.shape[:2])
     colours = instance_colours(len(masks))
