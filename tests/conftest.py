@@ -82,3 +82,28 @@ def tiny_config(**overrides):
         id2label={0: "circle", 1: "square"},
     )
     return FastInstConfig(**{**settings, **overrides})
+
+
+def two_layer_config(**overrides):
+    """A tiny FastInst with two decoder layers, auxiliary queries and three labels (deep supervision, training)."""
+    backbone = ResNetConfig(
+        embedding_size=8,
+        hidden_sizes=[16, 32, 64, 128],
+        depths=[1, 1, 1, 1],
+        out_features=["stage2", "stage3", "stage4"],
+    )
+    settings = dict(
+        backbone_config=backbone,
+        pixel_decoder_channels=32,
+        hidden_dim=32,
+        mask_dim=32,
+        group_norm_groups=8,
+        num_attention_heads=4,
+        dim_feedforward=64,
+        decoder_layers=2,
+        num_queries=20,
+        num_auxiliary_queries=4,
+        id2label={0: "a", 1: "b", 2: "c"},
+        train_num_points=64,
+    )
+    return FastInstConfig(**{**settings, **overrides})

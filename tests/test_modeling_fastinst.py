@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import FIXTURES, fixture_pixel_values, load_eval_fixture, load_train_fixture
+from conftest import FIXTURES, fixture_pixel_values, load_eval_fixture, load_train_fixture, two_layer_config
 
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, FastInstModel
 from fastinst_hf.conversion.official import convert_checkpoint
@@ -189,30 +189,7 @@ def test_training_losses_match_official(variant, monkeypatch):
 
 
 def tiny_config(**kwargs):
-    from transformers import ResNetConfig
-
-    backbone = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    params = dict(
-        backbone_config=backbone,
-        pixel_decoder_channels=32,
-        hidden_dim=32,
-        mask_dim=32,
-        group_norm_groups=8,
-        num_attention_heads=4,
-        dim_feedforward=64,
-        decoder_layers=2,
-        num_queries=20,
-        num_auxiliary_queries=4,
-        id2label={0: "a", 1: "b", 2: "c"},
-        train_num_points=64,
-    )
-    params.update(kwargs)
-    return FastInstConfig(**params)
+    return two_layer_config(**kwargs)
 
 
 def test_output_shapes_batch_and_tuple_output():

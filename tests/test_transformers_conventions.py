@@ -11,6 +11,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from conftest import two_layer_config
 from PIL import Image
 from safetensors.torch import load_file, save_file
 from transformers import (
@@ -18,7 +19,6 @@ from transformers import (
     AutoImageProcessor,
     AutoModel,
     AutoModelForUniversalSegmentation,
-    ResNetConfig,
     pipeline,
 )
 
@@ -39,30 +39,7 @@ from fastinst_hf.modeling_fastinst import (
 
 
 def tiny_config(**kwargs) -> FastInstConfig:
-    backbone = ResNetConfig(
-        embedding_size=8,
-        hidden_sizes=[16, 32, 64, 128],
-        depths=[1, 1, 1, 1],
-        out_features=["stage2", "stage3", "stage4"],
-    )
-    params = dict(
-        backbone_config=backbone,
-        pixel_decoder_channels=32,
-        hidden_dim=32,
-        mask_dim=32,
-        group_norm_groups=8,
-        num_attention_heads=4,
-        dim_feedforward=64,
-        decoder_layers=2,
-        num_queries=10,
-        num_auxiliary_queries=4,
-        id2label={0: "a", 1: "b", 2: "c"},
-        train_num_points=64,
-        test_shortest_edge=64,
-        test_longest_edge=96,
-    )
-    params.update(kwargs)
-    return FastInstConfig(**params)
+    return two_layer_config(**{"num_queries": 10, "test_shortest_edge": 64, "test_longest_edge": 96, **kwargs})
 
 
 def tiny_targets(batch_size: int, height: int, width: int):
