@@ -562,6 +562,17 @@ def paint_segmentation(indexed_masks, output_size: tuple[int, int], device=None)
     return segmentation
 
 
+def paint_masks(masks: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """[`paint_segmentation`] of `(N, H, W)` bool masks sorted by descending score, in one pass over them."""
+    if not 0 < len(masks) < 256:
+        indexed = ((index, masks[index]) for index in range(len(masks) - 1, -1, -1))
+        return paint_segmentation(indexed, output_size, masks.device)
+    # Weights N..1 in score order: the largest weight over the masks covering a pixel is the best instance's.
+    weights = torch.arange(len(masks), 0, -1, dtype=torch.uint8, device=masks.device)
+    best = (masks.view(torch.uint8) * weights[:, None, None]).amax(0)
+    return torch.where(best > 0, len(masks) - best.int(), -1)
+
+
 def post_process_instances_single(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -604,8 +615,7 @@ def post_process_instances_single(
     elif return_coco_annotation:
         segmentation = [binary_mask_to_rle(mask) for mask in masks]
     else:
-        indexed = ((index, masks[index]) for index in range(len(masks) - 1, -1, -1))
-        segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
+        segmentation = paint_masks(masks, output_size)
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
