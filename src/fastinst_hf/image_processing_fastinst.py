@@ -460,13 +460,16 @@ def instance_inference_single(
     mask_threshold: float,
     num_detections: int,
     keep_masks: bool = True,
+    mask_sink=None,
 ) -> dict[str, torch.Tensor]:
     """
     The official `FastInst.instance_inference` for one image (`(Q, K+1)` class logits, `(Q, h, w)` mask logits),
     computed on the kept (query, class) pairs only; see [`~FastInstImageProcessor.instance_inference`].
 
     With `keep_masks=False` the masks are not returned (only their `(N,)` pixel `areas`), so memory stays bounded
-    by one chunk of masks; [`iter_instance_masks`] makes them again.
+    by one chunk of masks; [`iter_instance_masks`] makes them again, or `mask_sink` takes them as they are made: it
+    is called with each chunk's `(n, H, W)` bool masks of the distinct kept queries, in turn, and instance `i` has
+    mask number `mask_indices[i]`.
     """
     class_scores, query_indices, labels = select_top_detections(class_logits, num_detections, threshold)
     # A query can be kept with several classes: resize each distinct query's mask once.
@@ -481,6 +484,8 @@ def instance_inference_single(
         areas[start : start + len(chunk_areas)] = chunk_areas
         if keep_masks:
             chunks.append(masks)
+        if mask_sink is not None:
+            mask_sink(masks)
     scores = class_scores * mask_scores[inverse]
 
     keep = scores >= threshold
@@ -492,6 +497,7 @@ def instance_inference_single(
         "labels": labels[keep][order],
         "query_indices": query_indices[keep][order],
         "areas": areas[picked],
+        "mask_indices": picked,
     }
     if keep_masks:
         none = torch.zeros((0, *output_size), dtype=torch.bool, device=mask_logits.device)
@@ -901,7 +907,7 @@ class FastInstImageProcessingMixin:
             result = instance_inference_single(
                 class_logits[i], mask_logits[i], resized_size, output_size, threshold, mask_threshold, num_detections
             )
-            del result["areas"]
+            del result["areas"], result["mask_indices"]
             results.append(result)
         return results
 
