@@ -87,6 +87,9 @@ def test_tiled_masks_equal_the_dense_resizing(logit_size, resized, output):
 def test_paint_masks_equals_painting_one_mask_at_a_time():
     generator = torch.Generator().manual_seed(0)
     for count in (0, 1, 7, 255, 300):
-        masks = torch.rand(count, 9, 11, generator=generator) > 0.7
-        lowest_first = ((index, masks[index]) for index in range(count - 1, -1, -1))
-        assert torch.equal(processing.paint_masks(masks, (9, 11)), processing.paint_segmentation(lowest_first, (9, 11)))
+        masks = torch.rand(max(count // 2, 1), 9, 11, generator=generator) > 0.7
+        # Segments by descending score; masks shared by several segments (a query kept with several labels).
+        indices = torch.randint(0, len(masks), (count,), generator=generator)
+        lowest_first = ((index, masks[indices[index]]) for index in range(count - 1, -1, -1))
+        expected = processing.paint_segmentation(lowest_first, (9, 11))
+        assert torch.equal(processing.paint_masks(masks.clone(), indices, (9, 11)), expected)

@@ -568,15 +568,21 @@ def paint_segmentation(indexed_masks, output_size: tuple[int, int], device=None)
     return segmentation
 
 
-def paint_masks(masks: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
-    """[`paint_segmentation`] of `(N, H, W)` bool masks sorted by descending score, in one pass over them."""
-    if not 0 < len(masks) < 256:
-        indexed = ((index, masks[index]) for index in range(len(masks) - 1, -1, -1))
+def paint_masks(masks: torch.Tensor, mask_indices: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """
+    [`paint_segmentation`] in one pass over `(U, H, W)` bool masks (overwritten): segment `i`, by descending score,
+    has mask `mask_indices[i]`; a mask kept with several labels shows its best segment.
+    """
+    count = len(mask_indices)
+    if not 0 < count < 256:
+        indexed = ((index, masks[mask_indices[index]]) for index in range(count - 1, -1, -1))
         return paint_segmentation(indexed, output_size, masks.device)
-    # Weights N..1 in score order: the largest weight over the masks covering a pixel is the best instance's.
-    weights = torch.arange(len(masks), 0, -1, dtype=torch.uint8, device=masks.device)
-    best = (masks.view(torch.uint8) * weights[:, None, None]).amax(0)
-    return torch.where(best > 0, len(masks) - best.int(), -1)
+    # Weight count - i for segment i (each mask: its best segment's): the largest weight covering a pixel is the best.
+    ranks = torch.arange(count, 0, -1, device=masks.device)
+    weights = torch.zeros(len(masks), dtype=torch.long, device=masks.device)
+    weights.scatter_reduce_(0, mask_indices, ranks, "amax")
+    best = masks.view(torch.uint8).mul_(weights.to(torch.uint8)[:, None, None]).amax(0)
+    return torch.where(best > 0, count - best.int(), -1)
 
 
 def post_process_instances_single(
@@ -593,8 +599,14 @@ def post_process_instances_single(
     """One image of [`~FastInstImageProcessor.post_process_instance_segmentation`] (same arguments)."""
     num_masks = min(num_detections, class_logits.shape[0])
     two_passes = not return_binary_maps and num_masks * output_size[0] * output_size[1] > MAX_MASK_BYTES
+    # The painted map needs each distinct mask once (taken as made), the binary maps and RLEs one per segment.
+    painted = not (two_passes or return_binary_maps or return_coco_annotation)
+    chunks = []
     args = (resized_size, output_size, threshold, mask_threshold, num_detections)
-    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=not two_passes)
+    keep_masks = not (two_passes or painted)
+    instance = instance_inference_single(
+        class_logits, mask_logits, *args, keep_masks=keep_masks, mask_sink=chunks.append if painted else None
+    )
     non_empty = instance["areas"] > 0
     scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
     segments_info = [
@@ -613,15 +625,18 @@ def post_process_instances_single(
             indexed = zip(range(len(queries) - 1, -1, -1), lowest_first)
             segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
         return {"segmentation": segmentation, "segments_info": segments_info}
+    if painted:
+        none = torch.zeros((0, *output_size), dtype=torch.bool, device=mask_logits.device)
+        masks = chunks[0] if len(chunks) == 1 else torch.cat([none, *chunks])
+        segmentation = paint_masks(masks, instance["mask_indices"][non_empty], output_size)
+        return {"segmentation": segmentation, "segments_info": segments_info}
 
     masks = instance["masks"]
     masks = masks if non_empty.all() else masks[non_empty]  # avoids copying the masks in the common case
     if return_binary_maps:
         segmentation = masks
-    elif return_coco_annotation:
-        segmentation = [binary_mask_to_rle(mask) for mask in masks]
     else:
-        segmentation = paint_masks(masks, output_size)
+        segmentation = [binary_mask_to_rle(mask) for mask in masks]
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
