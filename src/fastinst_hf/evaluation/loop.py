@@ -1,7 +1,8 @@
 """The evaluation loop: COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.
 
-Used by the trainer for its periodic evaluation and by `fastinst-hf evaluate` / `scripts/evaluate.py`. It also runs
-under `accelerate launch` (the images are sharded over the processes and the results gathered).
+Used by the trainer for its periodic evaluation and by `fastinst-hf evaluate` / `scripts/evaluate_model.py`; AP comes
+from the COCO mask AP `evaluate` module. It also runs under `accelerate launch` (the images are sharded over the
+processes and the predictions gathered).
 """
 
 from __future__ import annotations
