@@ -3,13 +3,17 @@ the numbers of the project's COCO evaluator, also where COCO is special: crowd r
 annotations dropped as unusable."""
 
 import json
-import shutil
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
+from PIL import Image
 
+from fastinst_hf.cli import main
 from fastinst_hf.data.coco import annotation_problem, decode_segmentation, load_coco_json
 from fastinst_hf.data.synthetic import make_shapes_dataset
 from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
@@ -36,7 +40,10 @@ def coco(tmp_path_factory):
          "segmentation": {"size": [HEIGHT, WIDTH], "counts": rle["counts"].decode("ascii")}},
         {"id": next_id + 1, "image_id": first, "category_id": 2, "segmentation": [[1, 1, 5, 5]]},
     ]  # fmt: skip
-    shutil.copy(out / "images" / data["images"][0]["file_name"], out / "images" / "empty.png")
+    # Mirrored: a plain copy would give the first image's scores exactly, and COCO ranks exact ties by image order.
+    Image.open(out / "images" / data["images"][0]["file_name"]).transpose(Image.FLIP_LEFT_RIGHT).save(
+        out / "images" / "empty.png"
+    )
     data["images"].append({"id": 99, "file_name": "empty.png", "height": HEIGHT, "width": WIDTH})
     path.write_text(json.dumps(data))
     return path, out / "images", data
@@ -105,3 +112,25 @@ def test_loop_through_the_metric_equals_the_coco_evaluator(coco):
     as_instance = CocoMaskEvaluator(no_crowd, dataset.label_to_category_id)
     as_instance.update(list(per_image), list(per_image.values()))
     assert as_instance.compute()["AP"] != ours["AP"]
+
+
+@pytest.mark.slow  # an `accelerate launch` of 2 processes: about a minute on a loaded 2-core machine
+def test_two_processes_give_the_one_process_ap(coco, capsys):
+    """`fastinst-hf evaluate` of the embedded model under `accelerate launch` with 2 CPU processes: 4 images in
+    batches of 3, so the second process pads its batch with duplicates, which must not count."""
+    path, images, _ = coco
+    args = ["evaluate", "--coco-json", str(path), "--images", str(images), "--device", "cpu", "--batch-size", "3"]
+    assert main(args) == 0
+    one = capsys.readouterr().out
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastinst_hf.cli"]  # fmt: skip
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([*launch, *args], env=env, capture_output=True, text=True, timeout=240)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "(4 images, batch size 3" in one and "(4 images, batch size 3" in two.stdout
+    assert ap_row(two.stdout) == ap_row(one) and float(ap_row(one)[0]) > 0
+
+
+def ap_row(stdout: str) -> list[str]:
+    """The AP, AP50, ... cells of the table `fastinst-hf evaluate` prints."""
+    return [cell.strip() for cell in [line for line in stdout.splitlines() if "|" in line][1].split("|")[:6]]
