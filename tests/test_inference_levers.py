@@ -12,6 +12,7 @@ from fastinst_hf.inference.levers import (
     autocast_context,
     cpu_supports_bf16,
     fold_batch_norms,
+    graph_key,
     prepare_for_inference,
     to_channels_last,
 )
@@ -93,3 +94,32 @@ def test_onnxruntime_model_matches_pytorch(tmp_path):
         expected = model(pixel_values)
     actual = OnnxRuntimeModel(path, num_threads=1)(pixel_values)
     torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_graph_key_follows_weights_and_config():
+    model = tiny_model(RESNET)
+    key = graph_key(model)
+    assert key == graph_key(model)
+    model.config.num_detections += 1
+    assert graph_key(model) != key
+    model.config.num_detections -= 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert graph_key(model) != key
+
+
+@pytest.mark.slow  # an ONNX export
+def test_onnxruntime_model_exports_once_per_model_into_the_cache(tmp_path, monkeypatch):
+    from fastinst_hf.inference import onnx_export
+
+    model = tiny_model(RESNET)
+    first = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
+    assert (tmp_path / graph_key(model) / "model.onnx").is_file()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been reused")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    second = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
+    pixel_values = torch.randn(1, 3, 128, 160)
+    torch.testing.assert_close(second(pixel_values).masks_queries_logits, first(pixel_values).masks_queries_logits)
