@@ -5,7 +5,8 @@ RGB uint8 -> `ResizeShortestEdge` (detectron2 rounding) with bilinear resampling
 0-255 values -> zero padding at the bottom/right to a multiple of `size_divisor` and to the batch maximum.
 
 Post-processing reproduces the official `FastInst.instance_inference`, but selects the top-k
-(query, class) pairs first and only upsamples the masks of the kept queries.
+(query, class) pairs first and only upsamples the masks of the kept queries (on CPU, only the output tiles where
+a mask pixel can be).
 """
 
 import functools
@@ -353,7 +354,7 @@ def _exact_axes(logit_size, resized_size, output_size) -> tuple[_Axis, _Axis, bo
     """
     `(rows, cols, fused)` with which [`exact_mask_logits`] reproduces [`dense_mask_logits`] bit for bit at these sizes
     on this CPU, or None. Checked on one random mask at up to 2**20 pixels, because torch's kernel rounds differently
-    with its build (fused multiply-adds) and for small outputs (another kernel when height + width <= 128).
+    with its build (fused multiply-adds) and for small outputs (another kernel).
     """
     generator = torch.Generator().manual_seed(0)
     probe = 4 * torch.randn(1, *logit_size, generator=generator)
