@@ -439,7 +439,8 @@ def iter_binary_masks(
         axes = _exact_axes(tuple(mask_logits.shape[-2:]), tuple(resized_size), tuple(output_size))
     if chunk_pixels is None:
         chunk_pixels = CHUNK_PIXELS if axes is None else TILED_CHUNK_PIXELS
-    padded_pixels = mask_logits.shape[-2] * mask_logits.shape[-1] * MASK_STRIDE**2
+    # The dense path also holds the float masks at the padded size; the tiled path only the bool output.
+    padded_pixels = 0 if axes else mask_logits.shape[-2] * mask_logits.shape[-1] * MASK_STRIDE**2
     chunk = max(1, chunk_pixels // max(padded_pixels, output_size[0] * output_size[1]))
     for start in range(0, mask_logits.shape[0], chunk):
         logits = mask_logits[start : start + chunk]
