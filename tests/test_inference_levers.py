@@ -9,6 +9,7 @@ from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
 from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
+    OpenVinoModel,
     autocast_context,
     cpu_supports_bf16,
     fold_batch_norms,
@@ -123,3 +124,29 @@ def test_onnxruntime_model_exports_once_per_model_into_the_cache(tmp_path, monke
     second = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
     pixel_values = torch.randn(1, 3, 128, 160)
     torch.testing.assert_close(second(pixel_values).masks_queries_logits, first(pixel_values).masks_queries_logits)
+
+
+@pytest.mark.slow  # an ONNX export
+def test_openvino_model_matches_pytorch(tmp_path):
+    from fastinst_hf.inference.onnx_export import export_onnx
+
+    model = tiny_model(RESNET)
+    path = export_onnx(model, tmp_path / "model.onnx", height=128, width=160)
+    for shape in ((1, 3, 128, 160), (2, 3, 160, 128)):
+        pixel_values = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(pixel_values)
+        actual = OpenVinoModel(path, num_threads=1)(pixel_values)
+        for name in ("class_queries_logits", "masks_queries_logits"):
+            torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-3, atol=1e-3)
+
+
+def test_graph_runtimes_say_when_their_package_is_missing(monkeypatch):
+    import importlib.util
+
+    from fastinst_hf.inference.benchmark import RUNTIMES, available
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert available(RUNTIMES["openvino"], torch.device("cpu")) == "the package openvino is not installed"
+    assert available(RUNTIMES["onnxruntime"], torch.device("cpu")) == "the package onnxruntime is not installed"
+    assert available(RUNTIMES["eager"], torch.device("cpu")) is None

@@ -32,6 +32,7 @@ from ..utils.device import synchronize
 from .levers import (
     AutocastModel,
     OnnxRuntimeModel,
+    OpenVinoModel,
     cpu_supports_bf16,
     prepare_for_inference,
     to_channels_last,
@@ -44,14 +45,15 @@ PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 @dataclass
 class Runtime:
-    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or onnxruntime."""
+    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or the exported ONNX
+    graph run by `graph_runtime` ("onnxruntime" or "openvino")."""
 
     name: str
     fold_norms: bool = False
     channels_last: bool = False
     compile: bool = False
     precision: str = "fp32"
-    onnxruntime: bool = False
+    graph_runtime: str | None = None
 
 
 RUNTIMES = {
@@ -61,7 +63,8 @@ RUNTIMES = {
         Runtime("folded", fold_norms=True),
         Runtime("folded+channels_last", fold_norms=True, channels_last=True),
         Runtime("compile", fold_norms=True, compile=True),
-        Runtime("onnxruntime", onnxruntime=True),
+        Runtime("onnxruntime", graph_runtime="onnxruntime"),
+        Runtime("openvino", graph_runtime="openvino"),
         Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
         Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
         Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
@@ -92,11 +95,14 @@ def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torc
 
 def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:
     """`pixel_values -> outputs` for `runtime` (model already on the example's device)."""
-    if runtime.onnxruntime:
+    if runtime.graph_runtime is not None:
         from .onnx_export import export_onnx
 
-        path = export_onnx(model, workdir / "model.onnx", *example.shape[-2:], dynamic=True)
-        return OnnxRuntimeModel(path, num_threads=torch.get_num_threads())
+        path = workdir / "model.onnx"
+        if not path.is_file():  # onnxruntime and openvino run the same graph
+            export_onnx(model, path, *example.shape[-2:], dynamic=True)
+        graph_model = OnnxRuntimeModel if runtime.graph_runtime == "onnxruntime" else OpenVinoModel
+        return graph_model(path, num_threads=torch.get_num_threads())
     prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
     if runtime.precision != "fp32":
         prepared = AutocastModel(prepared, runtime.precision)
@@ -109,8 +115,10 @@ def available(runtime: Runtime, device: torch.device) -> str | None:
     """Why `runtime` cannot run here, or None."""
     if runtime.name.startswith("cuda") != (device.type == "cuda"):
         return "CUDA runtimes run on CUDA only, CPU runtimes on CPU only"
-    if runtime.onnxruntime and device.type != "cpu":
-        return "the onnxruntime runtime is CPU only here"
+    if runtime.graph_runtime is not None and device.type != "cpu":
+        return f"the {runtime.graph_runtime} runtime is CPU only here"
+    if runtime.graph_runtime is not None and importlib.util.find_spec(runtime.graph_runtime) is None:
+        return f"the package {runtime.graph_runtime} is not installed"
     if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
         return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
     return None

@@ -8,6 +8,7 @@
 - `autocast_context("bf16")`: bfloat16 autocast, useful only on CPUs with bf16 units (`cpu_supports_bf16`);
   on other CPUs it is emulated and slower.
 - `OnnxRuntimeModel`: the exported ONNX graph (`onnx_export.export_onnx`) run by onnxruntime.
+- `OpenVinoModel`: the same graph run by OpenVINO (optional package `openvino`).
 
 Which ones pay, and by how much, is measured by `fastinst-hf benchmark`.
 """
@@ -175,6 +176,28 @@ def graph_key(model) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()[:32]
+
+
+class OpenVinoModel:
+    """The exported ONNX graph compiled by OpenVINO for the CPU in float32, called like `OnnxRuntimeModel`."""
+
+    def __init__(self, path, num_threads: int | None = None, config=None):
+        import openvino
+
+        self.config = config
+        self.device = torch.device("cpu")
+        # float32 inference: OpenVINO would otherwise pick bf16 on CPUs that have it, which is another precision.
+        properties = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if num_threads:
+            properties["INFERENCE_NUM_THREADS"] = num_threads
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, pixel_values: torch.Tensor, **kwargs) -> SimpleNamespace:
+        results = self.request.infer({0: pixel_values.detach().cpu().float().contiguous().numpy()})
+        return SimpleNamespace(
+            **{output.get_any_name(): torch.from_numpy(results[output].copy()) for output in self.compiled.outputs}
+        )
 
 
 class AutocastModel(nn.Module):
