@@ -72,6 +72,17 @@ RUNTIMES = {
 }
 DEFAULT_RUNTIMES = ("eager", "folded", "folded+channels_last", "onnxruntime", "bf16+channels_last")
 
+# RF-DETR-Seg sizes (class in `rfdetr`); COCO mask AP per its docs: nano 40.3 at 312 px, small 43.1 at 384 px, the
+# closest to FastInst-D1's 34.9.
+RFDETR_PEERS = {"rfdetr-seg-nano": "RFDETRSegNano", "rfdetr-seg-small": "RFDETRSegSmall"}
+# Peer models of `--peers` and the optional package each needs (never a dependency of fastinst_hf).
+PEER_PACKAGES = {
+    "mask2former": "transformers",
+    "yolo11s-seg": "ultralytics",
+    "yolo11m-seg": "ultralytics",
+    **dict.fromkeys(RFDETR_PEERS, "rfdetr"),
+}
+
 
 def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torch.Tensor:
     """`(B, 3, H, W)` 0-255 float -> normalised, zero-padded at the bottom/right to a multiple of 32."""
@@ -336,13 +347,29 @@ def time_yolo(model_yaml: str, image: np.ndarray, warmup: int, runs: int) -> dic
 
     model = YOLO(model_yaml)
     bgr = np.ascontiguousarray(image[..., ::-1])
+    return {"full": _time_calls(lambda: model.predict(bgr, imgsz=640, device="cpu", verbose=False), warmup, runs)}
+
+
+def time_rfdetr(peer: str, image: np.ndarray, warmup: int, runs: int) -> dict:
+    """RF-DETR-Seg with random weights (`pretrain_weights=None` downloads nothing; its DINOv2 backbone config ships
+    with the package), its own `predict` at its native square resolution: image -> 100 masks at the image size
+    (threshold 0, so that every query's mask is made, as for FastInst's top 100)."""
+    import rfdetr
+
+    model = getattr(rfdetr, RFDETR_PEERS[peer])(pretrain_weights=None, device="cpu")
+    return {"full": _time_calls(lambda: model.predict(image, threshold=0.0), warmup, runs)}
+
+
+def _time_calls(call: Callable, warmup: int, runs: int) -> dict:
+    """`summarise` of the ms of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
     times = []
-    for round_index in range(warmup + runs):
+    for _ in range(runs):
         start = time.perf_counter()
-        model.predict(bgr, imgsz=640, device="cpu", verbose=False)
-        if round_index >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return {"full": summarise(times)}
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return summarise(times)
 
 
 @dataclass
@@ -382,22 +409,38 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
         "skipped": {},
     }
     names = [name for name in options.runtimes if _skip_reason(name, device, options, result) is None]
+    peers = [peer for peer in options.peers if _missing_peer(peer, result) is None]
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        runners = {name: build_runner(RUNTIMES[name], model, case.pixel_values, Path(workdir)) for name in names}
+        runners, result["setup_ms"] = _build_runners(names, model, case, Path(workdir))
         result.update(_time_runtimes(runners, case, options))
         chosen = {name: runners[name] for name in options.throughput_runtimes if name in runners}
         result["throughput"] = {
             str(batch_size): _throughput(chosen, make_case(config, image, batch_size, processor, device), options)
             for batch_size in options.batch_sizes
         }
-        if "mask2former" in options.peers:
+        if "mask2former" in peers:
             result["mask2former"] = time_mask2former(case, options.warmup, options.runs)
-    for peer in options.peers:
+    for peer in peers:
         if peer.startswith("yolo"):
             result[peer] = time_yolo(f"{peer}.yaml", image, options.warmup, options.runs)
+        elif peer in RFDETR_PEERS:
+            result[peer] = time_rfdetr(peer, image, options.warmup, options.runs)
     if options.train_step:
         result["train_step"] = time_training_step(config, batch_size=2, size=512, steps=options.runs, warmup=1)
     return result
+
+
+def _build_runners(names: list[str], model, case: Case, workdir: Path) -> tuple[dict[str, Callable], dict]:
+    """The runner of every runtime, and its setup ms: building it (the onnx export) and its first call (where
+    `torch.compile` compiles), so that compile time is reported apart from the steady-state times."""
+    runners, setup_ms = {}, {}
+    for name in names:
+        start = time.perf_counter()
+        runners[name] = build_runner(RUNTIMES[name], model, case.pixel_values, workdir)
+        runners[name](case.pixel_values)
+        synchronize(case.device)
+        setup_ms[name] = (time.perf_counter() - start) * 1e3
+    return runners, setup_ms
 
 
 def _time_runtimes(runners: dict[str, Callable], case: Case, options: BenchmarkOptions) -> dict:
@@ -435,6 +478,15 @@ def _skip_reason(name: str, device: torch.device, options: BenchmarkOptions, res
     return reason
 
 
+def _missing_peer(peer: str, result: dict) -> str | None:
+    """Why `peer` cannot run (its package is not installed), recorded in `result["skipped"]`, or None."""
+    package = PEER_PACKAGES[peer]
+    if importlib.util.find_spec(package) is not None:
+        return None
+    result["skipped"][peer] = f"the optional package {package} is not installed (pip install {package})"
+    return result["skipped"][peer]
+
+
 def _cell(stats: dict | None) -> str:
     if not stats:
         return "-"
@@ -449,7 +501,7 @@ def format_table(result: dict) -> str:
         rows.append(("official code (detectron2)", result["official"]["network"], None, result["official"]["full"]))
     for name, stages in result.get("runtimes", {}).items():
         rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"]))
-    for peer in ("mask2former", "yolo11s-seg", "yolo11m-seg"):
+    for peer in PEER_PACKAGES:
         if peer in result:
             rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"]))
     lines = [
@@ -477,5 +529,8 @@ def format_table(result: dict) -> str:
             f"Training step (D1 config, batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + "
             f"AdamW): {_cell(step)} ms; process peak RSS {step['process_peak_rss_mib']:.0f} MiB",
         ]
+    if result.get("setup_ms"):
+        setup = ", ".join(f"{name} {ms:.0f}" for name, ms in result["setup_ms"].items())
+        lines += ["", f"Setup ms (build + first call, where torch.compile compiles and onnxruntime exports): {setup}"]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
