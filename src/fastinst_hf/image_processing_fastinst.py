@@ -57,12 +57,17 @@ class FastInstImageProcessorKwargs(ImagesKwargs, total=False):
     do_reduce_labels (`bool`, *optional*, defaults to `False`):
         Whether to map segment id 0 to `ignore_index` and subtract 1 from every other id of `segmentation_maps`
         (and from the classes of `instance_id_to_semantic_id`): drops a background labelled 0.
+    duplicate_iou_threshold (`float`, *optional*, defaults to `None`):
+        When set, the post-processing drops a (query, class) pair whose mask overlaps a higher-ranked pair of the
+        same class with an IoU above it (see [`suppress_duplicates`]). `None` (the default) is the official,
+        NMS-free inference; a small model that still masks some objects twice can set it in its processor config.
     """
 
     size_divisor: int
     num_detections: int
     ignore_index: int | None
     do_reduce_labels: bool
+    duplicate_iou_threshold: float | None
 
 
 def get_fastinst_output_image_size(height: int, width: int, shortest_edge: int, longest_edge: int) -> tuple[int, int]:
@@ -256,6 +261,26 @@ def select_top_detections(
     keep = class_scores >= threshold
     class_scores, flat_indices = class_scores[keep], flat_indices[keep]
     return class_scores, torch.div(flat_indices, num_classes, rounding_mode="floor"), flat_indices % num_classes
+
+
+def suppress_duplicates(
+    mask_logits: torch.Tensor, query_indices: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+) -> torch.Tensor:
+    """
+    `(N,)` bool keep-mask of the ranked (query, class) pairs: greedily in rank order, a pair is dropped when its mask
+    has an IoU above `iou_threshold` with a kept pair of the same label. Masks are compared at the resolution of the
+    `(Q, h, w)` stride-8 mask logits (`logit > 0`, i.e. probability > 0.5): cheap, and enough to tell a duplicate.
+    """
+    masks = (mask_logits[query_indices] > 0).flatten(1).float()
+    intersections = masks @ masks.T
+    areas = masks.sum(1)
+    ious = intersections / (areas[:, None] + areas[None] - intersections).clamp(min=1)
+    duplicates = (ious > iou_threshold) & (labels[:, None] == labels[None])
+    keep = torch.ones(len(query_indices), dtype=torch.bool, device=mask_logits.device)
+    for i in range(len(query_indices)):
+        if keep[i]:
+            keep[i + 1 :] &= ~duplicates[i, i + 1 :]
+    return keep
 
 
 def bilinear_taps(in_size: int, out_size: int, fused: bool) -> tuple[torch.Tensor, ...]:
@@ -463,6 +488,7 @@ def instance_inference_single(
     num_detections: int,
     keep_masks: bool = True,
     mask_sink=None,
+    duplicate_iou_threshold: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     The official `FastInst.instance_inference` for one image (`(Q, K+1)` class logits, `(Q, h, w)` mask logits),
@@ -471,9 +497,13 @@ def instance_inference_single(
     With `keep_masks=False` the masks are not returned (only their `(N,)` pixel `areas`), so memory stays bounded
     by one chunk of masks; [`iter_instance_masks`] makes them again, or `mask_sink` takes them as they are made: it
     is called with each chunk's `(n, H, W)` bool masks of the distinct kept queries, in turn, and instance `i` has
-    mask number `mask_indices[i]`.
+    mask number `mask_indices[i]`. With `duplicate_iou_threshold`, duplicate pairs are dropped first
+    ([`suppress_duplicates`], in class-score order).
     """
     class_scores, query_indices, labels = select_top_detections(class_logits, num_detections, threshold)
+    if duplicate_iou_threshold is not None:
+        keep = suppress_duplicates(mask_logits, query_indices, labels, duplicate_iou_threshold)
+        class_scores, query_indices, labels = class_scores[keep], query_indices[keep], labels[keep]
     # A query can be kept with several classes: resize each distinct query's mask once.
     unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
     mask_scores = class_scores.new_zeros(len(unique_queries))
@@ -597,6 +627,7 @@ def post_process_instances_single(
     num_detections: int,
     return_coco_annotation: bool,
     return_binary_maps: bool,
+    duplicate_iou_threshold: float | None = None,
 ) -> dict:
     """One image of [`~FastInstImageProcessor.post_process_instance_segmentation`] (same arguments)."""
     num_masks = min(num_detections, class_logits.shape[0])
@@ -607,7 +638,12 @@ def post_process_instances_single(
     args = (resized_size, output_size, threshold, mask_threshold, num_detections)
     keep_masks = not (two_passes or painted)
     instance = instance_inference_single(
-        class_logits, mask_logits, *args, keep_masks=keep_masks, mask_sink=chunks.append if painted else None
+        class_logits,
+        mask_logits,
+        *args,
+        keep_masks=keep_masks,
+        mask_sink=chunks.append if painted else None,
+        duplicate_iou_threshold=duplicate_iou_threshold,
     )
     non_empty = instance["areas"] > 0
     scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
@@ -661,6 +697,7 @@ class FastInstImageProcessingMixin:
     num_detections = 100
     do_reduce_labels = False
     ignore_index = 255
+    duplicate_iou_threshold = None
     model_input_names = ["pixel_values", "pixel_mask"]
 
     def preprocess(
@@ -898,7 +935,8 @@ class FastInstImageProcessingMixin:
         score is class score x mask score <= class score), then for the distinct kept queries only: bilinear
         upsampling (align_corners=False) of the mask logits to the padded input size (mask size x 8), crop to the
         resized image, bilinear resize to the target size, `mask = sigmoid > mask_threshold`,
-        `score = class_score * sum(p * mask) / (sum(mask) + 1e-6)`, then keep `score >= threshold`.
+        `score = class_score * sum(p * mask) / (sum(mask) + 1e-6)`, then keep `score >= threshold`. A processor
+        with `duplicate_iou_threshold` set first drops duplicate pairs (see [`suppress_duplicates`]).
 
         Args:
             outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits`
@@ -922,7 +960,14 @@ class FastInstImageProcessingMixin:
         results = []
         for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes)):
             result = instance_inference_single(
-                class_logits[i], mask_logits[i], resized_size, output_size, threshold, mask_threshold, num_detections
+                class_logits[i],
+                mask_logits[i],
+                resized_size,
+                output_size,
+                threshold,
+                mask_threshold,
+                num_detections,
+                duplicate_iou_threshold=self.duplicate_iou_threshold,
             )
             del result["areas"], result["mask_indices"]
             results.append(result)
@@ -995,6 +1040,7 @@ class FastInstImageProcessingMixin:
                 num_detections,
                 return_coco_annotation,
                 return_binary_maps,
+                self.duplicate_iou_threshold,
             )
             for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
         ]

@@ -50,11 +50,11 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
         sizes = [(images[i].height, images[i].width) for i in indices]
         for index, (position, mask_sizes) in zip(indices, enumerate(processor._mask_sizes(output, sizes, None))):
             results[index] = _instances(
+                processor,
                 output.class_queries_logits[position],
                 output.masks_queries_logits[position],
                 *mask_sizes,
                 threshold,
-                processor.num_detections,
                 max_instances,
             )
     done = time.perf_counter()
@@ -67,16 +67,23 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
     return tuple(zip(*results)) if results else ((), (), ()), timings
 
 
-def _instances(class_logits, mask_logits, resized_size, output_size, threshold, num_detections, max_instances):
-    """One image's instances, each distinct query's mask made once and bit-packed as it is made (never all of them
+def _instances(processor, class_logits, mask_logits, resized_size, output_size, threshold, max_instances):
+    """One image's instances (with `processor`'s top-k size and duplicate suppression), each distinct query's mask made once and bit-packed as it is made (never all of them
     as bytes)."""
     packed = []
 
     def pack(masks):
         packed.extend(np.packbits(mask.cpu().numpy()) for mask in masks)
 
-    args = (resized_size, output_size, threshold, MASK_THRESHOLD, num_detections)
-    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=False, mask_sink=pack)
+    args = (resized_size, output_size, threshold, MASK_THRESHOLD, processor.num_detections)
+    instance = instance_inference_single(
+        class_logits,
+        mask_logits,
+        *args,
+        keep_masks=False,
+        mask_sink=pack,
+        duplicate_iou_threshold=processor.duplicate_iou_threshold,
+    )
     kept = torch.nonzero(instance["areas"] > 0).flatten()[:max_instances]
     masks = PackedMasks.from_packed([packed[index] for index in instance["mask_indices"][kept].tolist()], output_size)
     return masks, instance["labels"][kept].tolist(), instance["scores"][kept].tolist()
