@@ -395,22 +395,24 @@ def format_table(result: dict) -> str:
 
 
 def _training_table(step: dict) -> list[str]:
-    """Rows of the training-step result of `time_training`: ms median (min-max), ratio, each process's peak RSS."""
-    reference = step["official"]["median_ms"] if "official" in step else None
+    """Rows of the training-step result of `time_training`: wall and process CPU ms median (min-max) with their
+    ratios to the official step, and each worker process's peak RSS."""
+    reference = step.get("official")
     lines = [
         "",
         f"Training step (batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + AdamW step, CPU, "
         f"{step['threads']} threads; one worker process per side, peak RSS = its ru_maxrss)",
         "",
-        "| training step | ms | / official | peak RSS MiB | peak RSS before the first step MiB |",
-        "|---|---|---|---|---|",
+        "| training step | wall ms | / official | process CPU ms | / official | peak RSS MiB | peak RSS before step 1 MiB |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, label in (("official", "official trainer (detectron2)"), ("fastinst_hf", "fastinst_hf")):
         if name in step:
             side = step[name]
-            ratio = f"{side['median_ms'] / reference:.2f}" if reference else "-"
+            wall = f"{side['median_ms'] / reference['median_ms']:.2f}" if reference else "-"
+            cpu = f"{side['cpu']['median_ms'] / reference['cpu']['median_ms']:.2f}" if reference else "-"
             lines.append(
-                f"| {label} | {_cell(side)} | {ratio} | {side['peak_rss_mib']:.0f} | "
+                f"| {label} | {_cell(side)} | {wall} | {_cell(side['cpu'])} | {cpu} | {side['peak_rss_mib']:.0f} | "
                 f"{side['peak_rss_before_steps_mib']:.0f} |"
             )
     return lines

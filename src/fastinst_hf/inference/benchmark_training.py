@@ -50,12 +50,13 @@ for index, image in enumerate(torch.from_numpy(batch["images"])):
 rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 print(json.dumps({"peak_rss_before_steps_mib": rss()}), flush=True)
 for _ in sys.stdin:
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     losses = sum(model(inputs).values())
     optimizer.zero_grad()
     losses.backward()
     optimizer.step()
-    print(json.dumps({"step": (time.perf_counter() - start) * 1e3, "peak_rss_mib": rss()}), flush=True)
+    cpu, wall = time.process_time() - cpu, time.perf_counter() - start
+    print(json.dumps({"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": rss()}), flush=True)
 """
 
 
@@ -113,17 +114,19 @@ def _this_package_first() -> dict[str, str]:
 
 
 def _interleave(workers: dict[str, StepWorker], warmup: int, runs: int) -> dict[str, dict]:
+    """Per worker: wall-clock ms of its steps, their process CPU ms (`cpu`: steady on a loaded machine at 1
+    thread, where the wall clock also counts the time the step waited for a core) and its final peak RSS."""
     steps = {name: [] for name in workers}
-    last = {}
     for round_index in range(warmup + runs):
         for name, worker in workers.items():
-            last[name] = worker.measure()
+            measured = worker.measure()
             if round_index >= warmup:
-                steps[name].append(last[name]["step"])
+                steps[name].append(measured)
     return {
         name: {
-            **summarise(steps[name]),
-            "peak_rss_mib": last[name]["peak_rss_mib"],
+            **summarise([step["step"] for step in steps[name]]),
+            "cpu": summarise([step["cpu"] for step in steps[name]]),
+            "peak_rss_mib": steps[name][-1]["peak_rss_mib"],
             "peak_rss_before_steps_mib": worker.info["peak_rss_before_steps_mib"],
         }
         for name, worker in workers.items()
@@ -147,11 +150,12 @@ def worker_main(config_path: str, batch_path: str, threads: str) -> None:
     labels = [torch.from_numpy(batch[f"labels_{index}"]) for index in range(count)]
     print(json.dumps({"peak_rss_before_steps_mib": _peak_rss_mib()}), flush=True)
     for _ in sys.stdin:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         model(normalise_and_pad(images), mask_labels=masks, class_labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        print(json.dumps({"step": (time.perf_counter() - start) * 1e3, "peak_rss_mib": _peak_rss_mib()}), flush=True)
+        cpu, wall = time.process_time() - cpu, time.perf_counter() - start
+        print(json.dumps({"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": _peak_rss_mib()}), flush=True)
 
 
 def _peak_rss_mib() -> float:
