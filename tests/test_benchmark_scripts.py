@@ -1,7 +1,8 @@
-"""Smoke test of `scripts/benchmark_cpu_vs_official.py` on a tiny config, in-process (the script times full-size
-variants; `tests/test_scripts.py` runs the other scripts as subprocesses)."""
+"""Smoke tests of `scripts/benchmark_cpu_vs_official.py` and of the benchmark's training step on a tiny config,
+in-process (the scripts time full-size variants; `tests/test_scripts.py` runs the other scripts as subprocesses)."""
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -26,3 +27,30 @@ def test_benchmark_cpu_vs_official_times_every_stage(tmp_path):
     assert result["model_input_hw"] == [64, 85] and result["padded_hw"] == [64, 96]
     for stage in ("full", "network", "stage_backbone", "stage_pixel_decoder", "stage_transformer_decoder"):
         assert result[stage]["median_ms"] > 0, stage
+
+
+def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, capsys):
+    """`--train-step` without `--official-root`: our step in its worker process, the official one named as skipped."""
+    import torch
+
+    from fastinst_hf import FastInstForInstanceSegmentation
+    from fastinst_hf.cli import main
+    from fastinst_hf.conversion.official import save_converted
+
+    torch.manual_seed(0)
+    model_dir = save_converted(FastInstForInstanceSegmentation(tiny_config()), tmp_path / "model")
+    argv = ["benchmark", "--model", str(model_dir), "--device", "cpu", "--runtimes", "eager", "--batch-sizes", ""]
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--runs", "2", "--warmup", "0", "--train-step", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| fastinst_hf | " in table and "official trainer" not in table
+    assert "skipped official: no --official-root" in table
+    step = json.loads(out.read_text())["train_step"]
+    assert (step["batch_size"], step["size"], set(step) - {"batch_size", "size", "threads"}) == (
+        2,
+        512,
+        {"fastinst_hf"},
+    )
+    ours = step["fastinst_hf"]
+    assert len(ours["runs_ms"]) == len(ours["cpu"]["runs_ms"]) == 2 and ours["median_ms"] > 0
+    assert ours["peak_rss_mib"] >= ours["peak_rss_before_steps_mib"] > 0

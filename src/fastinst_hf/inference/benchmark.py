@@ -314,6 +314,8 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
             result[peer] = time_yolo(f"{peer}.yaml", image, options.warmup, options.runs)
     if options.train_step:
         result["train_step"] = time_training(config, image, options)
+    if not options.official_root:
+        result["skipped"]["official"] = "no --official-root (an environment of shared/tools/official_parity/)"
     return result
 
 
