@@ -403,7 +403,7 @@ def _training_table(step: dict) -> list[str]:
     lines = [
         "",
         f"Training step (batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + AdamW step, CPU, "
-        f"{step['threads']} threads; one worker process per side, peak RSS = its ru_maxrss)",
+        f"{step['threads']} threads; one worker process per side, peak RSS = its VmHWM)",
         "",
         "| training step | wall ms | / official | process CPU ms | / official | peak RSS MiB | peak RSS before step 1 MiB |",
         "|---|---|---|---|---|---|---|",

@@ -1,7 +1,7 @@
 """Speed and memory of one optimisation step: ours and, when present, the official trainer's step.
 
-Each side runs in its own worker process (`StepWorker`), so that each process's peak RSS (`ru_maxrss`) belongs to
-its training step alone and detectron2 never enters this process. Both build random weights of the same variant,
+Each side runs in its own worker process (`StepWorker`), so that each process's peak RSS (VmHWM on Linux) belongs
+to its training step alone and detectron2 never enters this process. Both build random weights of the same variant,
 train on the same batch (saved once to an `.npz` file: 0-255 images and a few synthetic instances per image), and
 time one step per line read from stdin, so their rounds interleave (ours, official, ours, ...):
 - ours: normalise, `model(pixel_values, mask_labels, class_labels).loss`, backward, AdamW step with the training
@@ -12,6 +12,7 @@ time one step per line read from stdin, so their rounds interleave (ours, offici
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
@@ -28,7 +29,7 @@ from .timing import StepWorker, official_process, summarise
 # Runs in the official environment (cwd: the parity tools): the official model in train mode with its criterion,
 # weights as bench_official.py perturbs them (the official init leaves `meta_pos_embed` uninitialised).
 OFFICIAL_TRAIN_DRIVER = """
-import json, os, resource, sys, time
+import json, os, sys, time
 import numpy as np, torch
 import bench_official as B, common as C
 from detectron2.structures import Instances
@@ -47,7 +48,7 @@ for index, image in enumerate(torch.from_numpy(batch["images"])):
     instances.gt_classes = torch.from_numpy(batch[f"labels_{index}"])
     instances.gt_masks = torch.from_numpy(batch[f"masks_{index}"])
     inputs.append({"image": image, "instances": instances})
-rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+rss = lambda: next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_before_steps_mib": rss()}), flush=True)
 for _ in sys.stdin:
     start, cpu = time.perf_counter(), time.process_time()
@@ -159,8 +160,11 @@ def worker_main(config_path: str, batch_path: str, threads: str) -> None:
 
 
 def _peak_rss_mib() -> float:
-    """This process's peak resident memory so far (Linux reports `ru_maxrss` in KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """Peak resident memory of this process so far: Linux's VmHWM, which starts afresh at exec, where `ru_maxrss`
+    would start from the RSS of the benchmark process that spawned the worker. Elsewhere `ru_maxrss`."""
+    with contextlib.suppress(OSError), open("/proc/self/status", encoding="utf-8") as status:
+        return next(int(line.split()[1]) / 1024 for line in status if line.startswith("VmHWM:"))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
 
 
 if __name__ == "__main__":
