@@ -27,7 +27,7 @@ from accelerate.utils import set_seed
 
 from fastinst_hf.data.coco import coco_categories
 from fastinst_hf.data.synthetic import make_nuclei_dataset, make_shapes_dataset, split_coco
-from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
+from fastinst_hf.evaluation.coco_mask_ap import load_coco_metric
 from fastinst_hf.evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate
 from fastinst_hf.image_processing_fastinst import image_processor_for_config
 from fastinst_hf.training.arguments import parse_args
@@ -63,8 +63,8 @@ def untrained_ap(config_overrides: dict, data: dict, seed: int) -> dict[str, flo
     model = build_model("config", config_overrides, coco_categories(data["train_json"]).id2label, log=lambda m: None)
     processor = image_processor_for_config(model.config)
     dataset = build_eval_dataset(data["val_json"], data["images"], processor)
-    evaluator = CocoMaskEvaluator(data["val_json"], dataset.label_to_category_id)
-    return evaluate(model, processor, build_eval_dataloader(dataset), evaluator)
+    metric = load_coco_metric(data["val_json"], dataset.label_to_category_id)
+    return evaluate(model, processor, build_eval_dataloader(dataset), metric)
 
 
 def run_check(name: str, data: dict, args: argparse.Namespace) -> dict:

@@ -1,11 +1,15 @@
-"""Smoke tests of `scripts/benchmark_cpu_vs_official.py` and of the benchmark's training step on a tiny config,
-in-process (the scripts time full-size variants; `tests/test_scripts.py` runs the other scripts as subprocesses)."""
+"""Smoke tests of `scripts/benchmark_cpu_vs_official.py` and of the benchmark's optional peers and training step on
+a tiny config, in-process (the script times full-size variants; `tests/test_scripts.py` runs the other scripts as
+subprocesses)."""
 
 import importlib.util
 import json
+import sys
+import types
 from pathlib import Path
 
 import numpy as np
+import torch
 from conftest import tiny_config
 from PIL import Image
 
@@ -29,10 +33,47 @@ def test_benchmark_cpu_vs_official_times_every_stage(tmp_path):
         assert result[stage]["median_ms"] > 0, stage
 
 
+def test_benchmark_peer_without_its_package_is_skipped_in_one_line(monkeypatch):
+    from fastinst_hf import FastInstForInstanceSegmentation
+    from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
+    from fastinst_hf.inference import benchmark
+
+    real_find_spec = benchmark.importlib.util.find_spec
+    monkeypatch.setattr(
+        benchmark.importlib.util, "find_spec", lambda name: None if name == "rfdetr" else real_find_spec(name)
+    )
+    model = FastInstForInstanceSegmentation(tiny_config())
+    image = np.random.default_rng(0).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    options = benchmark.BenchmarkOptions(
+        runtimes=("eager",), runs=1, warmup=0, batch_sizes=(), peers=("rfdetr-seg-nano",)
+    )
+    result = benchmark.run_benchmark(model, FastInstImageProcessor(), image, torch.device("cpu"), options)
+    assert "rfdetr-seg-nano" not in result and result["setup_ms"]["eager"] > 0
+    line = "skipped rfdetr-seg-nano: the optional package rfdetr is not installed (pip install rfdetr)"
+    assert line in benchmark.format_table(result).splitlines()
+
+
+def test_benchmark_rfdetr_peer_builds_random_weights_and_predicts_every_query(monkeypatch):
+    from fastinst_hf.inference import benchmark
+
+    calls = []
+
+    class FakeSegNano:
+        def __init__(self, **kwargs):
+            calls.append(kwargs)
+
+        def predict(self, image, threshold):
+            calls.append((image.shape, threshold))
+
+    monkeypatch.setitem(sys.modules, "rfdetr", types.SimpleNamespace(RFDETRSegNano=FakeSegNano))
+    image = np.zeros((48, 64, 3), dtype=np.uint8)
+    result = benchmark.time_rfdetr("rfdetr-seg-nano", image, warmup=1, runs=2)
+    assert calls == [{"pretrain_weights": None, "device": "cpu"}] + [((48, 64, 3), 0.0)] * 3
+    assert len(result["full"]["runs_ms"]) == 2
+
+
 def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, capsys):
     """`--train-step` without `--official-root`: our step in its worker process, the official one named as skipped."""
-    import torch
-
     from fastinst_hf import FastInstForInstanceSegmentation
     from fastinst_hf.cli import main
     from fastinst_hf.conversion.official import save_converted

@@ -85,7 +85,10 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
 
 
 @pytest.mark.slow  # two ONNX exports: minutes on a loaded 2-core machine
-def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(tiny_model_dir, image_dir, tmp_path):
+def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(
+    tiny_model_dir, image_dir, tmp_path, monkeypatch
+):
+    monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))
     outputs = {}
     for runtime in ("torch", "onnxruntime"):
         out = tmp_path / runtime
@@ -96,6 +99,7 @@ def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(tiny_mode
     for ours, reference in zip(outputs["onnxruntime"], outputs["torch"]):
         assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
         assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
+    assert len(list((tmp_path / "cache" / "onnx").glob("*/model.onnx"))) == 1
 
 
 def test_predict_directory_and_glob(tiny_model_dir, image_dir, tmp_path, capsys):

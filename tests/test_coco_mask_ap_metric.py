@@ -1,4 +1,5 @@
-"""The COCO mask AP `evaluate` module: loads offline from its path, and gives the AP of the project's COCO evaluator."""
+"""The COCO mask AP `evaluate` module: loads offline from its path, and gives the AP of the project's COCO evaluator,
+against reference masks or a COCO file."""
 
 import json
 
@@ -51,6 +52,20 @@ def test_metric_equals_the_coco_evaluator_on_the_json(coco):
     expected = evaluator.compute()
     assert 0 < ours["AP"] < 100
     assert ours == pytest.approx(expected, nan_ok=True)
+
+
+def test_metric_scores_against_a_coco_file(coco):
+    path, data = coco
+    _, predictions = references_and_predictions(data)
+    image_ids = [image["id"] for image in data["images"]]
+    metric = evaluate.load(METRIC_PATH, coco_gt=str(path), label_to_category_id={k: k + 1 for k in range(3)})
+    metric.add_batch(predictions=predictions[:2], references=image_ids[:2])
+    metric.add_batch(predictions=predictions[2:], references=image_ids[2:])
+    evaluator = CocoMaskEvaluator(path, {k: k + 1 for k in range(3)})
+    evaluator.update(image_ids, predictions)
+    assert metric.compute() == pytest.approx(evaluator.compute(), rel=0, abs=0, nan_ok=True)
+    with pytest.raises(ValueError, match="label_to_category_id"):
+        evaluate.load(METRIC_PATH, coco_gt=str(path))
 
 
 def test_metric_reads_post_processing_output_and_checks_sizes(coco):

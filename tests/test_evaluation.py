@@ -1,4 +1,5 @@
-"""CocoMaskEvaluator: AP on perfect/degraded predictions, prediction formats, gathering, pycocotools parity."""
+"""CocoMaskEvaluator: AP on perfect/degraded predictions, prediction formats, pycocotools parity; the evaluation
+loop's gather into the COCO mask AP metric."""
 
 import math
 
@@ -12,6 +13,8 @@ from fastinst_hf.data.coco import decode_segmentation, load_coco_json
 from fastinst_hf.data.datasets import CocoInstanceDataset
 from fastinst_hf.data.synthetic import make_shapes_dataset
 from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
+from fastinst_hf.evaluation.coco_mask_ap import load_coco_metric
+from fastinst_hf.evaluation.loop import add_batch
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +106,7 @@ def test_post_process_format_matches_simple_dict(gt):
 
 class _TwoRankAccelerator:
     """Stands in for a 2-process Accelerator: every gathered batch comes back twice (rank 0 and rank 1 saw
-    the same padded samples), which the evaluator must not double-count."""
+    the same padded samples), which the metric must not double-count."""
 
     def __init__(self):
         self.calls = 0
@@ -118,11 +121,12 @@ def test_gathers_through_accelerator(gt):
     path, label_map, per_image = gt
     ids, preds = _predictions(per_image, shift=2)
     accelerator = _TwoRankAccelerator()
-    evaluator = CocoMaskEvaluator(path, label_map, accelerator=accelerator)
-    evaluator.update(ids[:2], preds[:2])
-    evaluator.update(ids[2:], preds[2:])
+    metric = load_coco_metric(path, label_map)
+    assert add_batch(metric, ids[:2], preds[:2], accelerator) == ids[:2] * 2
+    add_batch(metric, ids[2:], preds[2:], accelerator)
     assert accelerator.calls == 2
-    assert evaluator.compute() == pytest.approx(_evaluate(path, label_map, ids, preds).compute(), nan_ok=True)
+    expected = _evaluate(path, label_map, ids, preds).compute()
+    assert metric.compute() == pytest.approx(expected, rel=0, abs=0, nan_ok=True)  # identical
 
 
 def test_pycocotools_agrees(gt):

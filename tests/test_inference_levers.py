@@ -9,9 +9,11 @@ from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
 from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
+    OpenVinoModel,
     autocast_context,
     cpu_supports_bf16,
     fold_batch_norms,
+    graph_key,
     prepare_for_inference,
     to_channels_last,
 )
@@ -93,3 +95,58 @@ def test_onnxruntime_model_matches_pytorch(tmp_path):
         expected = model(pixel_values)
     actual = OnnxRuntimeModel(path, num_threads=1)(pixel_values)
     torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-3, atol=1e-3)
+
+
+def test_graph_key_follows_weights_and_config():
+    model = tiny_model(RESNET)
+    key = graph_key(model)
+    assert key == graph_key(model)
+    model.config.num_detections += 1
+    assert graph_key(model) != key
+    model.config.num_detections -= 1
+    with torch.no_grad():
+        next(model.parameters()).add_(1e-3)
+    assert graph_key(model) != key
+
+
+@pytest.mark.slow  # an ONNX export
+def test_onnxruntime_model_exports_once_per_model_into_the_cache(tmp_path, monkeypatch):
+    from fastinst_hf.inference import onnx_export
+
+    model = tiny_model(RESNET)
+    first = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
+    assert (tmp_path / graph_key(model) / "model.onnx").is_file()
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been reused")
+
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
+    second = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
+    pixel_values = torch.randn(1, 3, 128, 160)
+    torch.testing.assert_close(second(pixel_values).masks_queries_logits, first(pixel_values).masks_queries_logits)
+
+
+@pytest.mark.slow  # an ONNX export
+def test_openvino_model_matches_pytorch(tmp_path):
+    from fastinst_hf.inference.onnx_export import export_onnx
+
+    model = tiny_model(RESNET)
+    path = export_onnx(model, tmp_path / "model.onnx", height=128, width=160)
+    for shape in ((1, 3, 128, 160), (2, 3, 160, 128)):
+        pixel_values = torch.randn(shape)
+        with torch.no_grad():
+            expected = model(pixel_values)
+        actual = OpenVinoModel(path, num_threads=1)(pixel_values)
+        for name in ("class_queries_logits", "masks_queries_logits"):
+            torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-3, atol=1e-3)
+
+
+def test_graph_runtimes_say_when_their_package_is_missing(monkeypatch):
+    import importlib.util
+
+    from fastinst_hf.inference.benchmark import RUNTIMES, available
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert available(RUNTIMES["openvino"], torch.device("cpu")) == "the package openvino is not installed"
+    assert available(RUNTIMES["onnxruntime"], torch.device("cpu")) == "the package onnxruntime is not installed"
+    assert available(RUNTIMES["eager"], torch.device("cpu")) is None

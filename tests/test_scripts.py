@@ -24,7 +24,8 @@ def run_script(name: str, *args, timeout: int = 300) -> subprocess.CompletedProc
 
 
 @pytest.mark.parametrize(
-    "script, command", [("train.py", "train"), ("evaluate.py", "evaluate"), ("convert_fastinst_to_hf.py", "convert")]
+    "script, command",
+    [("train.py", "train"), ("evaluate_model.py", "evaluate"), ("convert_fastinst_to_hf.py", "convert")],
 )
 def test_command_scripts_show_their_command_help(script, command):
     assert f"usage: fastinst-hf {command}" in run_script(script, "--help").stdout

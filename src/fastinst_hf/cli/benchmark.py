@@ -12,7 +12,14 @@ import torch
 
 from ..configuration_fastinst import VARIANTS, FastInstConfig
 from ..image_processing_fastinst import FastInstImageProcessor
-from ..inference.benchmark import DEFAULT_RUNTIMES, RUNTIMES, BenchmarkOptions, format_table, run_benchmark
+from ..inference.benchmark import (
+    DEFAULT_RUNTIMES,
+    PEER_PACKAGES,
+    RUNTIMES,
+    BenchmarkOptions,
+    format_table,
+    run_benchmark,
+)
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
 from ..utils.arguments import HelpFormatter
@@ -21,8 +28,6 @@ from ..utils.errors import InputError
 from ..utils.files import atomic_write_text
 from ..utils.images import load_image
 from .options import add_device_argument
-
-PEERS = ("mask2former", "yolo11s-seg", "yolo11m-seg")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -49,7 +54,7 @@ def add_parser(commands) -> None:
     parser.add_argument("--throughput-runtimes", type=_names, default=("eager", "folded+channels_last"))
     parser.add_argument("--official-root", default=None, help="PARITY_ROOT of shared/tools/official_parity")
     parser.add_argument("--official-tools", default=None, help="folder of bench_official.py")
-    parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEERS)}")
+    parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEER_PACKAGES)}")
     parser.add_argument(
         "--train-step",
         action="store_true",
@@ -96,8 +101,8 @@ def _options(args: argparse.Namespace) -> BenchmarkOptions:
     unknown = [name for name in (*args.runtimes, *args.throughput_runtimes) if name not in RUNTIMES]
     if unknown:
         raise InputError(f"--runtimes: unknown {unknown}; choose from {', '.join(RUNTIMES)}")
-    if [peer for peer in args.peers if peer not in PEERS]:
-        raise InputError(f"--peers: choose from {', '.join(PEERS)}, got {', '.join(args.peers)}")
+    if [peer for peer in args.peers if peer not in PEER_PACKAGES]:
+        raise InputError(f"--peers: choose from {', '.join(PEER_PACKAGES)}, got {', '.join(args.peers)}")
     if bool(args.official_root) != bool(args.official_tools):
         raise InputError("--official-root and --official-tools go together")
     if args.batch_sizes and min(args.batch_sizes) < 1:

@@ -1,6 +1,7 @@
 """`fastinst-hf evaluate`: COCO mask AP and per-image time of a model on a COCO-format dataset.
 
-Also runs under `accelerate launch -m fastinst_hf.cli evaluate ...` (images sharded, results gathered).
+AP comes from the COCO mask AP `evaluate` module (`evaluation/coco_mask_ap`) loaded with the COCO JSON as ground
+truth. Also runs under `accelerate launch -m fastinst_hf.cli evaluate ...` (images sharded, results gathered).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
-from ..evaluation.coco_evaluator import CocoMaskEvaluator
+from ..evaluation.coco_mask_ap import load_coco_metric
 from ..evaluation.loop import (
     build_eval_dataloader,
     build_eval_dataset,
@@ -75,13 +76,13 @@ def run(args: argparse.Namespace) -> int:
             "predictions are mapped to category ids by label index"
         )
     model, dataloader = accelerator.prepare(model, build_eval_dataloader(dataset, args.batch_size, args.num_workers))
-    evaluator = CocoMaskEvaluator(args.coco_json, dataset.label_to_category_id, accelerator=accelerator)
+    metric = load_coco_metric(args.coco_json, dataset.label_to_category_id)
     metrics = evaluate(
-        accelerator.unwrap_model(model), processor, dataloader, evaluator, accelerator, threshold=args.threshold
+        accelerator.unwrap_model(model), processor, dataloader, metric, accelerator, threshold=args.threshold
     )
     accelerator.print(f"model: {model_dir}  data: {args.coco_json}  device: {accelerator.device}")
     accelerator.print(
-        f"scored {evaluator.num_annotations} annotation(s); {evaluator.num_dropped_annotations} unusable one(s) "
+        f"scored {metric.num_annotations} annotation(s); {metric.num_dropped_annotations} unusable one(s) "
         "left out of the ground truth"
     )
     accelerator.print(format_metrics(metrics, args.batch_size))

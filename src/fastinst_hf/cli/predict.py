@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from ..inference.levers import OnnxRuntimeModel
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_images
+from ..inference.resolve import cache_root
 from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError, one_line
@@ -52,7 +53,8 @@ def add_parser(commands) -> None:
         "--runtime",
         choices=("torch", "onnxruntime"),
         default="torch",
-        help="onnxruntime: export the model to ONNX once (about a minute) and run it with onnxruntime (CPU)",
+        help="onnxruntime: run the model with onnxruntime (CPU); its ONNX export (about a minute) is done once per model "
+        "and kept under the cache root ($FASTINST_HF_CACHE, else ~/.cache/fastinst_hf)/onnx",
     )
     parser.set_defaults(run=run)
 
@@ -71,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if args.runtime == "onnxruntime":
         if device.type != "cpu":
             raise InputError("--runtime onnxruntime runs on the CPU; use --device cpu")
-        model = OnnxRuntimeModel.from_model(model)
+        model = OnnxRuntimeModel.from_model(model, cache_dir=cache_root() / "onnx")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

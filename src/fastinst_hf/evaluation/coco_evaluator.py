@@ -69,82 +69,81 @@ def unpack_prediction(prediction: Mapping[str, Any]) -> tuple[np.ndarray, np.nda
     return masks, labels, scores
 
 
+def encode_prediction(prediction: Mapping[str, Any]) -> dict:
+    """A prediction (either format of `unpack_prediction`) as `{"counts": [N] COCO RLE strings, "labels": [N],
+    "scores": [N], "height", "width"}`: far smaller than dense masks, to gather across processes and to keep."""
+    masks, labels, scores = unpack_prediction(prediction)
+    return {**encode_instances(masks, labels), "scores": [float(score) for score in scores]}
+
+
+def encode_instances(masks: np.ndarray, labels: np.ndarray) -> dict:
+    """(N, H, W) bool masks and (N,) labels -> `{"counts": [N] COCO RLE strings, "labels", "height", "width"}`."""
+    height, width = masks.shape[-2:]
+    rles = mask_util.encode(np.asfortranarray(masks.reshape(-1, height, width).transpose(1, 2, 0).astype(np.uint8)))
+    counts = [rle["counts"].decode("ascii") for rle in rles]
+    return {"counts": counts, "labels": [int(label) for label in labels], "height": height, "width": width}
+
+
 class CocoMaskEvaluator:
     """Accumulate instance predictions and compute COCO mask AP.
 
     Args:
         coco_gt: the ground-truth COCO instances JSON (path) or its dict.
         label_to_category_id: contiguous model label → COCO category id (CocoInstanceDataset.label_to_category_id).
-        accelerator: optional `accelerate.Accelerator`; each `update` then gathers the batch's encoded
-            results from all processes with `gather_for_metrics` (which drops the samples duplicated to
-            even out the last batch), so `compute` gives the full-dataset AP on every process.
         max_dets: detections kept per image (highest scores); COCO AP counts at most 100.
 
     AP is computed over the images passed to `update` (not every GT image), so evaluating on a subset is
     valid. Masks must be at the original image size (the "height"/"width" of the GT). Annotations that training
     can not use (see `annotation_problem`) are left out of the ground truth; `num_dropped_annotations` counts them,
-    `num_annotations` counts the scored ones. Without any scored annotation, AP is NaN.
+    `num_annotations` counts the scored ones. Without any scored annotation, AP is NaN. Across processes, gather
+    the `encode_prediction` results and pass them to `add_encoded` (see `evaluation.loop.add_batch`).
     """
 
-    def __init__(
-        self,
-        coco_gt: str | os.PathLike | dict,
-        label_to_category_id: Mapping[int, int],
-        accelerator=None,
-        max_dets: int = 100,
-    ):
+    def __init__(self, coco_gt: str | os.PathLike | dict, label_to_category_id: Mapping[int, int], max_dets: int = 100):
         gt, self.num_dropped_annotations = _prepare_ground_truth(coco_gt)
         self.num_annotations = len(gt["annotations"])
         self.image_sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
         # Built once: indexing a large GT file is slow and compute() may run every few thousand steps.
         self.coco_gt = COCO(gt)
         self.label_to_category_id = {int(k): int(v) for k, v in label_to_category_id.items()}
-        self.accelerator = accelerator
         self.max_dets = max_dets
         self.results: dict[int, list[dict]] = {}
 
     def reset(self) -> None:
         self.results = {}
 
-    def _encode(self, image_id: int, prediction: Mapping[str, Any]) -> list[dict]:
-        if image_id not in self.image_sizes:
-            raise ValueError(f"image id {image_id} is not in the ground-truth 'images'")
-        masks, labels, scores = unpack_prediction(prediction)
-        if masks.shape[0] and tuple(masks.shape[1:]) != self.image_sizes[image_id]:
-            raise ValueError(
-                f"image id {image_id}: masks are {tuple(masks.shape[1:])} but the GT image is "
-                f"{self.image_sizes[image_id]} (h, w); resize predictions to the original size"
-            )
-        order = np.argsort(-scores, kind="stable")[: self.max_dets]
-        if order.size == 0:
-            return []
-        rles = mask_util.encode(np.asfortranarray(masks[order].transpose(1, 2, 0).astype(np.uint8)))
-        results = []
-        for rle, k in zip(rles, order):
-            label = int(labels[k])
-            if label not in self.label_to_category_id:
-                raise ValueError(f"predicted label {label} has no entry in label_to_category_id")
-            results.append(
-                {
-                    "image_id": image_id,
-                    "category_id": self.label_to_category_id[label],
-                    "segmentation": {"size": [int(s) for s in rle["size"]], "counts": rle["counts"].decode("ascii")},
-                    "score": float(scores[k]),
-                }
-            )
-        return results
-
     def update(self, image_ids: Sequence[int], predictions: Sequence[Mapping[str, Any]]) -> None:
-        """Add one batch: `predictions[i]` belongs to `image_ids[i]` (see class docstring for formats)."""
+        """Add one batch: `predictions[i]` belongs to `image_ids[i]` (see `unpack_prediction` for formats)."""
         if len(image_ids) != len(predictions):
             raise ValueError(f"{len(image_ids)} image ids but {len(predictions)} predictions")
-        # Encode before gathering: RLE strings are far smaller than dense masks.
-        batch = [(int(i), self._encode(int(i), p)) for i, p in zip(image_ids, predictions)]
-        if self.accelerator is not None:
-            batch = self.accelerator.gather_for_metrics(batch, use_gather_object=True)
-        for image_id, results in batch:
-            # Re-inserting an id (sampler padding) replaces rather than duplicates its detections.
-            self.results[image_id] = results
+        for image_id, prediction in zip(image_ids, predictions):
+            self.add_encoded(int(image_id), encode_prediction(prediction))
+
+    def add_encoded(self, image_id: int, encoded: Mapping[str, Any]) -> None:
+        """Add the `encode_prediction` output of one image; adding an id again (sampler padding) replaces its
+        detections rather than duplicating them."""
+        if image_id not in self.image_sizes:
+            raise ValueError(f"image id {image_id} is not in the ground-truth 'images'")
+        size = (int(encoded["height"]), int(encoded["width"]))
+        if encoded["counts"] and size != self.image_sizes[image_id]:
+            raise ValueError(
+                f"image id {image_id}: masks are {size} but the GT image is {self.image_sizes[image_id]} (h, w); "
+                "resize predictions to the original size"
+            )
+        order = np.argsort(-np.asarray(encoded["scores"], dtype=np.float64), kind="stable")[: self.max_dets]
+        labels = [int(encoded["labels"][k]) for k in order]
+        unknown = set(labels) - set(self.label_to_category_id)
+        if unknown:
+            raise ValueError(f"predicted label {min(unknown)} has no entry in label_to_category_id")
+        self.results[image_id] = [
+            {
+                "image_id": image_id,
+                "category_id": self.label_to_category_id[label],
+                "segmentation": {"size": list(size), "counts": encoded["counts"][k]},
+                "score": float(encoded["scores"][k]),
+            }
+            for label, k in zip(labels, order)
+        ]
 
     def compute(self) -> dict[str, float]:
         """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; NaN for an area range without GT."""

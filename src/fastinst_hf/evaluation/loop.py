@@ -1,7 +1,8 @@
 """The evaluation loop: COCO mask AP and per-image inference time of a FastInst model on a COCO-format dataset.
 
-Used by the trainer for its periodic evaluation and by `fastinst-hf evaluate` / `scripts/evaluate.py`. It also runs
-under `accelerate launch` (the images are sharded over the processes and the results gathered).
+Used by the trainer for its periodic evaluation and by `fastinst-hf evaluate` / `scripts/evaluate_model.py`; AP comes
+from the COCO mask AP `evaluate` module. It also runs under `accelerate launch` (the images are sharded over the
+processes and the predictions gathered).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from ..data.transforms import FastInstEvalTransform
 from ..image_processing_fastinst import FastInstImageProcessor
 from ..utils.device import synchronize
 from ..utils.errors import InputError
-from .coco_evaluator import METRIC_NAMES, CocoMaskEvaluator
+from .coco_evaluator import METRIC_NAMES, encode_prediction
 
 
 def build_eval_dataset(
@@ -61,12 +62,26 @@ def build_eval_dataloader(dataset: CocoInstanceDataset, batch_size: int = 1, num
     )
 
 
+def add_batch(metric, image_ids, predictions: list[dict], accelerator=None) -> list[int]:
+    """Add one batch to `metric` (a `load_coco_metric` module) and return the ids of the images added.
+
+    The predictions are RLE-encoded first (far smaller than dense masks) and, with `accelerator`, gathered from every
+    process with `gather_for_metrics`, which drops the samples duplicated to even out the last batch: every process
+    adds the whole batch to its own metric and so computes the full-dataset AP, as one process would.
+    """
+    batch = [(int(image_id), encode_prediction(p)) for image_id, p in zip(image_ids, predictions)]
+    if accelerator is not None:
+        batch = accelerator.gather_for_metrics(batch, use_gather_object=True)
+    metric.add_batch(predictions=[p for _, p in batch], references=[image_id for image_id, _ in batch])
+    return [image_id for image_id, _ in batch]
+
+
 @torch.no_grad()
 def evaluate(
     model: torch.nn.Module,
     processor: FastInstImageProcessor,
     dataloader,
-    evaluator: CocoMaskEvaluator,
+    metric,
     accelerator=None,
     threshold: float = 0.0,
     device: torch.device | None = None,
@@ -77,8 +92,8 @@ def evaluate(
         model: a `FastInstForInstanceSegmentation` (unwrapped; it is put in eval mode and left there).
         processor: post-processes the outputs (`post_process_instance_segmentation`) to masks at the original size.
         dataloader: batches from `FastInstCollator` (prepared by `accelerator` when distributed, so that
-            `evaluator.update` can drop the samples duplicated to even out the last batch).
-        evaluator: a fresh or reset `CocoMaskEvaluator` (with the same `accelerator` to gather across processes).
+            the gather can drop the samples duplicated to even out the last batch).
+        metric: the COCO mask AP `evaluate` module from `load_coco_metric` (the ground truth of the dataset).
         threshold: minimum final score of a kept instance; 0 keeps the top-`num_detections` pairs, as upstream.
         device: where to move the batch when `accelerator` is None (a prepared dataloader moves it itself).
 
@@ -88,10 +103,10 @@ def evaluate(
         process at the dataloader's batch size) and `"num_images"` (evaluated images, without duplicates).
     """
     model.eval()
-    evaluator.reset()
     device = accelerator.device if accelerator is not None else (device or next(model.parameters()).device)
     model_seconds = post_seconds = 0.0
     images_seen = 0
+    evaluated = set()
     for batch in dataloader:
         pixel_values = batch["pixel_values"].to(device)
         synchronize(device)
@@ -111,18 +126,18 @@ def evaluate(
         model_seconds += middle - start
         post_seconds += end - middle
         images_seen += pixel_values.shape[0]
-        evaluator.update(batch["image_ids"], predictions)
+        evaluated.update(add_batch(metric, batch["image_ids"], predictions, accelerator))
     totals = torch.tensor([model_seconds, post_seconds, float(images_seen)], dtype=torch.float64, device=device)
     if accelerator is not None:
         totals = accelerator.reduce(totals, reduction="sum")
     model_seconds, post_seconds, images_seen = totals.tolist()
-    metrics = evaluator.compute()
+    metrics = metric.compute()
     per_image = 1000.0 / max(images_seen, 1.0)
     metrics.update(
         ms_per_image=(model_seconds + post_seconds) * per_image,
         model_ms_per_image=model_seconds * per_image,
         postprocess_ms_per_image=post_seconds * per_image,
-        num_images=float(len(evaluator.results)),
+        num_images=float(len(evaluated)),
     )
     return metrics
 

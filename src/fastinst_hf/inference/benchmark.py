@@ -12,6 +12,7 @@ alike; medians and min-max spreads are reported, with ratios to the first runtim
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import platform
 import statistics
 import tempfile
@@ -29,6 +30,7 @@ from .benchmark_training import time_training
 from .levers import (
     AutocastModel,
     OnnxRuntimeModel,
+    OpenVinoModel,
     cpu_supports_bf16,
     prepare_for_inference,
     to_channels_last,
@@ -42,14 +44,15 @@ PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
 
 @dataclass
 class Runtime:
-    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or onnxruntime."""
+    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or the exported ONNX
+    graph run by `graph_runtime` ("onnxruntime" or "openvino")."""
 
     name: str
     fold_norms: bool = False
     channels_last: bool = False
     compile: bool = False
     precision: str = "fp32"
-    onnxruntime: bool = False
+    graph_runtime: str | None = None
 
 
 RUNTIMES = {
@@ -59,13 +62,25 @@ RUNTIMES = {
         Runtime("folded", fold_norms=True),
         Runtime("folded+channels_last", fold_norms=True, channels_last=True),
         Runtime("compile", fold_norms=True, compile=True),
-        Runtime("onnxruntime", onnxruntime=True),
+        Runtime("onnxruntime", graph_runtime="onnxruntime"),
+        Runtime("openvino", graph_runtime="openvino"),
         Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
         Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
         Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
     )
 }
 DEFAULT_RUNTIMES = ("eager", "folded", "folded+channels_last", "onnxruntime", "bf16+channels_last")
+
+# RF-DETR-Seg sizes (class in `rfdetr`); COCO mask AP per its docs: nano 40.3 at 312 px, small 43.1 at 384 px, the
+# closest to FastInst-D1's 34.9.
+RFDETR_PEERS = {"rfdetr-seg-nano": "RFDETRSegNano", "rfdetr-seg-small": "RFDETRSegSmall"}
+# Peer models of `--peers` and the optional package each needs (never a dependency of fastinst_hf).
+PEER_PACKAGES = {
+    "mask2former": "transformers",
+    "yolo11s-seg": "ultralytics",
+    "yolo11m-seg": "ultralytics",
+    **dict.fromkeys(RFDETR_PEERS, "rfdetr"),
+}
 
 
 def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torch.Tensor:
@@ -79,11 +94,14 @@ def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torc
 
 def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:
     """`pixel_values -> outputs` for `runtime` (model already on the example's device)."""
-    if runtime.onnxruntime:
+    if runtime.graph_runtime is not None:
         from .onnx_export import export_onnx
 
-        path = export_onnx(model, workdir / "model.onnx", *example.shape[-2:], dynamic=True)
-        return OnnxRuntimeModel(path, num_threads=torch.get_num_threads())
+        path = workdir / "model.onnx"
+        if not path.is_file():  # onnxruntime and openvino run the same graph
+            export_onnx(model, path, *example.shape[-2:], dynamic=True)
+        graph_model = OnnxRuntimeModel if runtime.graph_runtime == "onnxruntime" else OpenVinoModel
+        return graph_model(path, num_threads=torch.get_num_threads())
     prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
     if runtime.precision != "fp32":
         prepared = AutocastModel(prepared, runtime.precision)
@@ -96,8 +114,10 @@ def available(runtime: Runtime, device: torch.device) -> str | None:
     """Why `runtime` cannot run here, or None."""
     if runtime.name.startswith("cuda") != (device.type == "cuda"):
         return "CUDA runtimes run on CUDA only, CPU runtimes on CPU only"
-    if runtime.onnxruntime and device.type != "cpu":
-        return "the onnxruntime runtime is CPU only here"
+    if runtime.graph_runtime is not None and device.type != "cpu":
+        return f"the {runtime.graph_runtime} runtime is CPU only here"
+    if runtime.graph_runtime is not None and importlib.util.find_spec(runtime.graph_runtime) is None:
+        return f"the package {runtime.graph_runtime} is not installed"
     if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
         return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
     return None
@@ -253,13 +273,29 @@ def time_yolo(model_yaml: str, image: np.ndarray, warmup: int, runs: int) -> dic
 
     model = YOLO(model_yaml)
     bgr = np.ascontiguousarray(image[..., ::-1])
+    return {"full": _time_calls(lambda: model.predict(bgr, imgsz=640, device="cpu", verbose=False), warmup, runs)}
+
+
+def time_rfdetr(peer: str, image: np.ndarray, warmup: int, runs: int) -> dict:
+    """RF-DETR-Seg with random weights (`pretrain_weights=None` downloads nothing; its DINOv2 backbone config ships
+    with the package), its own `predict` at its native square resolution: image -> 100 masks at the image size
+    (threshold 0, so that every query's mask is made, as for FastInst's top 100)."""
+    import rfdetr
+
+    model = getattr(rfdetr, RFDETR_PEERS[peer])(pretrain_weights=None, device="cpu")
+    return {"full": _time_calls(lambda: model.predict(image, threshold=0.0), warmup, runs)}
+
+
+def _time_calls(call: Callable, warmup: int, runs: int) -> dict:
+    """`summarise` of the ms of `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
     times = []
-    for round_index in range(warmup + runs):
+    for _ in range(runs):
         start = time.perf_counter()
-        model.predict(bgr, imgsz=640, device="cpu", verbose=False)
-        if round_index >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    return {"full": summarise(times)}
+        call()
+        times.append((time.perf_counter() - start) * 1000)
+    return summarise(times)
 
 
 @dataclass
@@ -299,24 +335,40 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
         "skipped": {},
     }
     names = [name for name in options.runtimes if _skip_reason(name, device, options, result) is None]
+    peers = [peer for peer in options.peers if _missing_peer(peer, result) is None]
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
-        runners = {name: build_runner(RUNTIMES[name], model, case.pixel_values, Path(workdir)) for name in names}
+        runners, result["setup_ms"] = _build_runners(names, model, case, Path(workdir))
         result.update(_time_runtimes(runners, case, options))
         chosen = {name: runners[name] for name in options.throughput_runtimes if name in runners}
         result["throughput"] = {
             str(batch_size): _throughput(chosen, make_case(config, image, batch_size, processor, device), options)
             for batch_size in options.batch_sizes
         }
-        if "mask2former" in options.peers:
+        if "mask2former" in peers:
             result["mask2former"] = time_mask2former(case, options.warmup, options.runs)
-    for peer in options.peers:
+    for peer in peers:
         if peer.startswith("yolo"):
             result[peer] = time_yolo(f"{peer}.yaml", image, options.warmup, options.runs)
+        elif peer in RFDETR_PEERS:
+            result[peer] = time_rfdetr(peer, image, options.warmup, options.runs)
     if options.train_step:
         result["train_step"] = time_training(config, image, options)
     if not options.official_root:
         result["skipped"]["official"] = "no --official-root (an environment of shared/tools/official_parity/)"
     return result
+
+
+def _build_runners(names: list[str], model, case: Case, workdir: Path) -> tuple[dict[str, Callable], dict]:
+    """The runner of every runtime, and its setup ms: building it (the onnx export) and its first call (where
+    `torch.compile` compiles), so that compile time is reported apart from the steady-state times."""
+    runners, setup_ms = {}, {}
+    for name in names:
+        start = time.perf_counter()
+        runners[name] = build_runner(RUNTIMES[name], model, case.pixel_values, workdir)
+        runners[name](case.pixel_values)
+        synchronize(case.device)
+        setup_ms[name] = (time.perf_counter() - start) * 1e3
+    return runners, setup_ms
 
 
 def _time_runtimes(runners: dict[str, Callable], case: Case, options: BenchmarkOptions) -> dict:
@@ -355,6 +407,15 @@ def _skip_reason(name: str, device: torch.device, options: BenchmarkOptions, res
     return reason
 
 
+def _missing_peer(peer: str, result: dict) -> str | None:
+    """Why `peer` cannot run (its package is not installed), recorded in `result["skipped"]`, or None."""
+    package = PEER_PACKAGES[peer]
+    if importlib.util.find_spec(package) is not None:
+        return None
+    result["skipped"][peer] = f"the optional package {package} is not installed (pip install {package})"
+    return result["skipped"][peer]
+
+
 def _cell(stats: dict | None) -> str:
     if not stats:
         return "-"
@@ -369,7 +430,7 @@ def format_table(result: dict) -> str:
         rows.append(("official code (detectron2)", result["official"]["network"], None, result["official"]["full"]))
     for name, stages in result.get("runtimes", {}).items():
         rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"]))
-    for peer in ("mask2former", "yolo11s-seg", "yolo11m-seg"):
+    for peer in PEER_PACKAGES:
         if peer in result:
             rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"]))
     lines = [
@@ -392,6 +453,9 @@ def format_table(result: dict) -> str:
             lines.append(f"| {name} | {values} |")
     if "train_step" in result:
         lines += _training_table(result["train_step"])
+    if result.get("setup_ms"):
+        setup = ", ".join(f"{name} {ms:.0f}" for name, ms in result["setup_ms"].items())
+        lines += ["", f"Setup ms (build + first call, where torch.compile compiles and onnxruntime exports): {setup}"]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
 

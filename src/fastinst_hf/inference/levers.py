@@ -8,6 +8,7 @@
 - `autocast_context("bf16")`: bfloat16 autocast, useful only on CPUs with bf16 units (`cpu_supports_bf16`);
   on other CPUs it is emulated and slower.
 - `OnnxRuntimeModel`: the exported ONNX graph (`onnx_export.export_onnx`) run by onnxruntime.
+- `OpenVinoModel`: the same graph run by OpenVINO (optional package `openvino`).
 
 Which ones pay, and by how much, is measured by `fastinst-hf benchmark`.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import math
 import tempfile
 from pathlib import Path
@@ -139,12 +141,21 @@ class OnnxRuntimeModel:
         self.output_names = [output.name for output in self.session.get_outputs()]
 
     @classmethod
-    def from_model(cls, model, num_threads: int | None = None) -> "OnnxRuntimeModel":
-        """Export `model` (dynamic batch and size) to a temporary folder kept while the returned object lives."""
+    def from_model(
+        cls, model, num_threads: int | None = None, cache_dir: str | Path | None = None
+    ) -> "OnnxRuntimeModel":
+        """Export `model` (dynamic batch and size) and run the graph. With `cache_dir`, the graph is kept there under
+        a key of the weights, config and library versions, so that only the first call for a model pays the export;
+        without it, the graph lives in a temporary folder kept while the returned object lives."""
         from .onnx_export import export_onnx
 
-        folder = tempfile.TemporaryDirectory(prefix="fastinst_onnx_")
         side = 32 * max(4, math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2))
+        if cache_dir is not None:
+            path = Path(cache_dir) / graph_key(model) / "model.onnx"
+            if not path.is_file():
+                export_onnx(model, path, side, side)
+            return cls(path, num_threads, model.config)
+        folder = tempfile.TemporaryDirectory(prefix="fastinst_onnx_")
         runtime = cls(export_onnx(model, Path(folder.name) / "model.onnx", side, side), num_threads, model.config)
         runtime._folder = folder
         return runtime
@@ -153,6 +164,40 @@ class OnnxRuntimeModel:
         feed = {"pixel_values": pixel_values.detach().cpu().float().contiguous().numpy()}
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         return SimpleNamespace(**{name: torch.from_numpy(value) for name, value in outputs.items()})
+
+
+def graph_key(model) -> str:
+    """A hex digest of what the exported graph depends on: every weight and buffer, the config, torch and
+    fastinst_hf versions (another exporter may write another graph)."""
+    from .. import __version__
+
+    digest = hashlib.sha256(f"{torch.__version__} {__version__} {model.config.to_json_string()}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+class OpenVinoModel:
+    """The exported ONNX graph compiled by OpenVINO for the CPU in float32, called like `OnnxRuntimeModel`."""
+
+    def __init__(self, path, num_threads: int | None = None, config=None):
+        import openvino
+
+        self.config = config
+        self.device = torch.device("cpu")
+        # float32 inference: OpenVINO would otherwise pick bf16 on CPUs that have it, which is another precision.
+        properties = {"INFERENCE_PRECISION_HINT": "f32", "PERFORMANCE_HINT": "LATENCY"}
+        if num_threads:
+            properties["INFERENCE_NUM_THREADS"] = num_threads
+        self.compiled = openvino.Core().compile_model(str(path), "CPU", properties)
+        self.request = self.compiled.create_infer_request()
+
+    def __call__(self, pixel_values: torch.Tensor, **kwargs) -> SimpleNamespace:
+        results = self.request.infer({0: pixel_values.detach().cpu().float().contiguous().numpy()})
+        return SimpleNamespace(
+            **{output.get_any_name(): torch.from_numpy(results[output].copy()) for output in self.compiled.outputs}
+        )
 
 
 class AutocastModel(nn.Module):

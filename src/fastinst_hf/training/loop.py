@@ -40,6 +40,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from evaluate import EvaluationModule
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
@@ -47,7 +48,7 @@ from ..conversion.imagenet import load_imagenet_backbone
 from ..data.collate import FastInstCollator
 from ..data.datasets import CocoInstanceDataset
 from ..data.transforms import FastInstTrainTransform
-from ..evaluation.coco_evaluator import CocoMaskEvaluator
+from ..evaluation.coco_mask_ap import load_coco_metric
 from ..evaluation.loop import build_eval_dataloader, build_eval_dataset, check_eval_dataset, evaluate, format_metrics
 from ..hub.model_card import render_model_card
 from ..hub.push import push_model_to_hub
@@ -81,7 +82,7 @@ class TrainingRun:
     train_dataset: CocoInstanceDataset
     train_loader: DataLoader
     val_loader: DataLoader | None
-    evaluator: CocoMaskEvaluator | None
+    val_metric: EvaluationModule | None
     output_dir: Path
     state: dict[str, Any]
     metrics: MetricsLog | None = None
@@ -151,10 +152,10 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     # The scheduler is stepped once per optimiser step on every process, so it is not prepared (accelerate would
     # step it num_processes times); it is registered so that save_state/load_state include it.
     accelerator.register_for_checkpointing(scheduler)
-    val_loader = evaluator = None
+    val_loader = val_metric = None
     if val_dataset is not None:
         val_loader = accelerator.prepare(build_eval_dataloader(val_dataset, args.eval_batch_size, args.num_workers))
-        evaluator = CocoMaskEvaluator(args.val_json, val_dataset.label_to_category_id, accelerator=accelerator)
+        val_metric = load_coco_metric(args.val_json, val_dataset.label_to_category_id)
 
     # Created only now: a run refused while checking its data or model leaves no empty folder behind.
     output_dir = Path(args.output_dir)
@@ -163,7 +164,7 @@ def setup(args: argparse.Namespace) -> TrainingRun:
     state = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "run": resume_invariants(args, accelerator)}
     run = TrainingRun(
         args, accelerator, model, processor, optimizer, scheduler, train_dataset, train_loader, val_loader,
-        evaluator, output_dir, state,
+        val_metric, output_dir, state,
     )  # fmt: skip
     checkpoint = restore_checkpoint(run)
     if accelerator.is_main_process:
@@ -371,7 +372,7 @@ def run_evaluation(run: TrainingRun) -> dict[str, float]:
             accelerator.unwrap_model(run.model),
             run.processor,
             run.val_loader,
-            run.evaluator,
+            run.val_metric,
             accelerator,
             args.eval_threshold,
         )

@@ -6,50 +6,42 @@ from fastinst_hf.evaluation.coco_mask_ap import METRIC_PATH
 metric = evaluate.load(METRIC_PATH)  # a local module: no Hub access
 metric.add_batch(predictions=[...], references=[...])
 metric.compute()  # {"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent
+
+metric = evaluate.load(METRIC_PATH, coco_gt="instances_val.json", label_to_category_id={0: 1, 1: 3})
+metric.add_batch(predictions=[...], references=[image ids])  # scored against the COCO file, as annotated
 """
 
 import datasets
 import evaluate
 import numpy as np
-import pycocotools.mask as mask_util
 
-from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator, unpack_prediction
+from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator, encode_instances, encode_prediction
 
-_DESCRIPTION = """COCO mask AP (AP, AP50, AP75, APs, APm, APl, in percent) of instance segmentation predictions against
-reference instance masks, with faster-coco-eval (the same numbers as pycocotools). Masks are run-length encoded when
-a batch is added, so a whole validation set stays small in memory."""
+_DESCRIPTION = """COCO mask AP (AP, AP50, AP75, APs, APm, APl, in percent) of instance segmentation predictions, with
+faster-coco-eval (the same numbers as pycocotools). Masks are run-length encoded when a batch is added, so a whole
+validation set stays small in memory. The references are either instance masks, or, when the module is loaded with
+`coco_gt`, the ids of the images in that COCO instances file: then its crowd regions, annotated areas and images
+without annotations count as annotated (as in the official COCO evaluation)."""
 
 _KWARGS_DESCRIPTION = """
 Args:
-    predictions: per image either `{"masks": (N, H, W) bool, "labels": (N,) int, "scores": (N,) float}` or one output
+    predictions: per image either `{"masks": (N, H, W) bool, "labels": (N,) int, "scores": (N,) float}`, one output
         of `post_process_instance_segmentation` (`{"segmentation", "segments_info"}`, also with
-        `return_binary_maps=True`), at the size of the reference masks.
+        `return_binary_maps=True`), or the `fastinst_hf.evaluation.coco_evaluator.encode_prediction` of one of these
+        (what the evaluation loop gathers across processes), at the size of the reference masks / GT image.
     references: per image `{"masks": (N, H, W) bool, "labels": (N,) int}`: the ground-truth instances (e.g. the
-        `mask_labels` and `class_labels` the image processor returns).
+        `mask_labels` and `class_labels` the image processor returns); with `coco_gt`, the image id instead.
     max_detections: highest-scoring detections kept per image (COCO counts at most 100).
 Returns:
     `{"AP", "AP50", "AP75", "APs", "APm", "APl"}`; NaN for an area range without ground truth.
 """
 
 _INSTANCES = {
-    "segmentation": datasets.Sequence(datasets.Value("string")),
+    "counts": datasets.Sequence(datasets.Value("string")),
     "labels": datasets.Sequence(datasets.Value("int64")),
     "height": datasets.Value("int64"),
     "width": datasets.Value("int64"),
 }
-
-
-def _encode(masks: np.ndarray, labels: np.ndarray) -> dict:
-    """(N, H, W) masks -> COCO RLE counts strings, with the labels and the image size."""
-    height, width = masks.shape[-2:]
-    rles = mask_util.encode(np.asfortranarray(masks.reshape(-1, height, width).transpose(1, 2, 0).astype(np.uint8)))
-    counts = [rle["counts"].decode("ascii") for rle in rles]
-    return {"segmentation": counts, "labels": [int(label) for label in labels], "height": height, "width": width}
-
-
-def encode_prediction(prediction) -> dict:
-    masks, labels, scores = unpack_prediction(prediction)
-    return {**_encode(masks, labels), "scores": [float(score) for score in scores]}
 
 
 def encode_reference(reference) -> dict:
@@ -58,15 +50,7 @@ def encode_reference(reference) -> dict:
     labels = labels.detach().cpu().numpy() if hasattr(labels, "detach") else np.asarray(labels)
     if masks.ndim != 3 or len(masks) != len(labels):
         raise ValueError(f"reference: expected masks (N, H, W) and labels (N,), got {masks.shape} and {labels.shape}")
-    return _encode(masks.astype(bool), labels)
-
-
-def _decode(instances: dict) -> np.ndarray:
-    size = [instances["height"], instances["width"]]
-    if not instances["segmentation"]:
-        return np.zeros((0, *size), dtype=bool)
-    rles = [{"size": size, "counts": counts.encode("ascii")} for counts in instances["segmentation"]]
-    return mask_util.decode(rles).transpose(2, 0, 1).astype(bool)
+    return encode_instances(masks.astype(bool), labels)
 
 
 def ground_truth(references: list[dict], categories: list[int]) -> dict:
@@ -75,7 +59,7 @@ def ground_truth(references: list[dict], categories: list[int]) -> dict:
     for image_id, reference in enumerate(references, start=1):
         size = [reference["height"], reference["width"]]
         images.append({"id": image_id, "height": size[0], "width": size[1]})
-        for counts, label in zip(reference["segmentation"], reference["labels"]):
+        for counts, label in zip(reference["counts"], reference["labels"]):
             segmentation = {"size": size, "counts": counts}
             annotations.append(
                 {
@@ -93,8 +77,43 @@ def ground_truth(references: list[dict], categories: list[int]) -> dict:
     }
 
 
+def mask_references_evaluator(predictions: list[dict], references: list[dict], max_detections: int):
+    """A `CocoMaskEvaluator` whose ground truth is the reference masks (image ids 1..n), with the predictions added."""
+    categories = sorted({label for instances in [*predictions, *references] for label in instances["labels"]})
+    evaluator = CocoMaskEvaluator(
+        ground_truth(references, categories), {label: label + 1 for label in categories}, max_dets=max_detections
+    )
+    for image_id, (prediction, reference) in enumerate(zip(predictions, references), start=1):
+        if (prediction["height"], prediction["width"]) != (reference["height"], reference["width"]):
+            raise ValueError(
+                f"image {image_id}: predicted masks are {prediction['height']}x{prediction['width']} but the "
+                f"reference masks {reference['height']}x{reference['width']}"
+            )
+        evaluator.add_encoded(image_id, prediction)
+    return evaluator
+
+
 class CocoMaskAP(evaluate.Metric):
+    """Init arguments (`evaluate.load(METRIC_PATH, coco_gt=..., label_to_category_id=...)`):
+    coco_gt: a COCO instances JSON (path) or dict to score against; the references are then image ids. Its
+        unusable annotations are left out (`num_dropped_annotations`; `num_annotations` are scored).
+    label_to_category_id: with `coco_gt`, predicted label -> COCO category id.
+    """
+
+    def __init__(self, coco_gt=None, label_to_category_id=None, **kwargs):
+        # Set before evaluate's __init__, which reads the features from `_info`. Built once: indexing a large COCO
+        # file is slow and a training run computes the metric every few thousand steps.
+        self.coco_evaluator = None
+        if coco_gt is not None:
+            if label_to_category_id is None:
+                raise ValueError("coco_gt needs label_to_category_id (predicted label -> COCO category id)")
+            self.coco_evaluator = CocoMaskEvaluator(coco_gt, label_to_category_id)
+            self.num_annotations = self.coco_evaluator.num_annotations
+            self.num_dropped_annotations = self.coco_evaluator.num_dropped_annotations
+        super().__init__(**kwargs)
+
     def _info(self):
+        references = _INSTANCES if self.coco_evaluator is None else datasets.Value("int64")
         return evaluate.MetricInfo(
             description=_DESCRIPTION,
             citation="Lin et al., Microsoft COCO: Common Objects in Context, ECCV 2014.",
@@ -102,7 +121,7 @@ class CocoMaskAP(evaluate.Metric):
             features=datasets.Features(
                 {
                     "predictions": {**_INSTANCES, "scores": datasets.Sequence(datasets.Value("float64"))},
-                    "references": _INSTANCES,
+                    "references": references,
                 }
             ),
         )
@@ -110,8 +129,9 @@ class CocoMaskAP(evaluate.Metric):
     def add_batch(self, *, predictions=None, references=None, **kwargs):
         """Add a batch of predictions and references (encoded to COCO RLE here)."""
         # Stored run-length encoded: dense masks of every image would not fit in memory for a real validation set.
-        predictions = [encode_prediction(prediction) for prediction in predictions]
-        references = [encode_reference(reference) for reference in references]
+        predictions = [p if "counts" in p else encode_prediction(p) for p in predictions]
+        if self.coco_evaluator is None:
+            references = [encode_reference(reference) for reference in references]
         super().add_batch(predictions=predictions, references=references, **kwargs)
 
     def add(self, *, prediction=None, reference=None, **kwargs):
@@ -119,19 +139,11 @@ class CocoMaskAP(evaluate.Metric):
         self.add_batch(predictions=[prediction], references=[reference], **kwargs)
 
     def _compute(self, predictions, references, max_detections: int = 100):
-        labels = {label for instances in [*predictions, *references] for label in instances["labels"]}
-        categories = sorted(labels)
-        evaluator = CocoMaskEvaluator(
-            ground_truth(references, categories), {label: label + 1 for label in categories}, max_dets=max_detections
-        )
-        for image_id, (prediction, reference) in enumerate(zip(predictions, references), start=1):
-            if (prediction["height"], prediction["width"]) != (reference["height"], reference["width"]):
-                raise ValueError(
-                    f"image {image_id}: predicted masks are {prediction['height']}x{prediction['width']} but the "
-                    f"reference masks {reference['height']}x{reference['width']}"
-                )
-            masks = _decode(prediction)
-            evaluator.update(
-                [image_id], [{"masks": masks, "labels": prediction["labels"], "scores": prediction["scores"]}]
-            )
+        if self.coco_evaluator is None:
+            return mask_references_evaluator(predictions, references, max_detections).compute()
+        evaluator = self.coco_evaluator
+        evaluator.reset()
+        evaluator.max_dets = max_detections
+        for prediction, image_id in zip(predictions, references):
+            evaluator.add_encoded(image_id, prediction)
         return evaluator.compute()
