@@ -1,14 +1,15 @@
 """CPU time of FastInst instance post-processing: upstream order vs `FastInstImageProcessor`.
 
-Setting: one 480x640 image (padded input 480x640, mask logits 60x80), 100 queries, 80 classes, random but peaky
-logits so that a realistic handful of instances pass `threshold=0.5`.
+Setting: one 480x640 image (padded input 480x640, mask logits 60x80; with `--resized`, the official benchmark's input
+576x768, mask logits 72x96, masks resized back to 480x640), 100 queries, 80 classes, random but peaky logits so that
+a realistic handful of instances pass `threshold=0.5`.
 
-    python scripts/benchmark_postprocess.py [--repeats 10] [--threads 1]
+    python scripts/benchmark_postprocess.py [--repeats 10] [--threads 1] [--resized]
 
 (a) upstream `FastInst.instance_inference` order: upsample all 100 masks to the padded size, crop, resize to the
     original size, then top-100 over the 100x80 class scores, mask scores, and finally the score threshold;
 (b) `FastInstImageProcessor.instance_inference` (top-k and class-score threshold first, only the kept queries'
-    masks are resized);
+    masks are resized, on CPU only the tiles that can hold mask pixels);
 (c) `FastInstImageProcessor.post_process_instance_segmentation` (b plus the painted segmentation map).
 """
 
@@ -25,7 +26,7 @@ from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
 HEIGHT, WIDTH, QUERIES, CLASSES, TOP_K = 480, 640, 100, 80, 100
 
 
-def make_outputs(seed: int = 0) -> SimpleNamespace:
+def make_outputs(seed: int = 0, input_size: tuple[int, int] = (HEIGHT, WIDTH)) -> SimpleNamespace:
     """Peaky logits: ~15% of queries are confident in one class; each mask is a Gaussian blob in logit space."""
     generator = torch.Generator().manual_seed(seed)
     class_logits = torch.randn(1, QUERIES, CLASSES + 1, generator=generator)
@@ -33,12 +34,13 @@ def make_outputs(seed: int = 0) -> SimpleNamespace:
     labels = torch.randint(0, CLASSES, (15,), generator=generator)
     class_logits[0, confident, labels] += 9.0
     class_logits[0, :, CLASSES] += 3.0  # "no object" dominates the other queries
-    ys = torch.arange(HEIGHT // 8).view(1, -1, 1).float()
-    xs = torch.arange(WIDTH // 8).view(1, 1, -1).float()
-    centres = torch.rand(QUERIES, 2, generator=generator) * torch.tensor([HEIGHT // 8, WIDTH // 8])
+    height, width = input_size[0] // 8, input_size[1] // 8
+    ys = torch.arange(height).view(1, -1, 1).float()
+    xs = torch.arange(width).view(1, 1, -1).float()
+    centres = torch.rand(QUERIES, 2, generator=generator) * torch.tensor([height, width])
     sigmas = 2 + 8 * torch.rand(QUERIES, 1, 1, generator=generator)
     distance2 = (ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2
-    noise = 0.5 * torch.randn(QUERIES, HEIGHT // 8, WIDTH // 8, generator=generator)
+    noise = 0.5 * torch.randn(QUERIES, height, width, generator=generator)
     mask_logits = 12 * torch.exp(-distance2 / (2 * sigmas**2)) - 6 + noise
     return SimpleNamespace(class_queries_logits=class_logits, masks_queries_logits=mask_logits[None])
 
@@ -47,8 +49,8 @@ def upstream_order(outputs, threshold: float) -> dict:
     """The official order (`FastInst.forward` + `sem_seg_postprocess` + `instance_inference`), then the threshold."""
     mask_logits = outputs.masks_queries_logits
     padded = (mask_logits.shape[-2] * 8, mask_logits.shape[-1] * 8)
-    masks = F.interpolate(mask_logits, size=padded, mode="bilinear", align_corners=False)[0]
-    masks = masks[:, :HEIGHT, :WIDTH][None]
+    # The padded input is the resized image itself (a multiple of 32): nothing to crop.
+    masks = F.interpolate(mask_logits, size=padded, mode="bilinear", align_corners=False)
     masks = F.interpolate(masks, size=(HEIGHT, WIDTH), mode="bilinear", align_corners=False)[0]
     scores = outputs.class_queries_logits[0].softmax(-1)[:, :-1]
     class_scores, flat = scores.flatten().topk(TOP_K, sorted=False)
@@ -75,13 +77,15 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--threshold", type=float, default=0.5)
+    parser.add_argument("--resized", action="store_true", help="model input 576x768 (the official benchmark's)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
-    outputs = make_outputs()
+    input_size = (576, 768) if args.resized else (HEIGHT, WIDTH)
+    outputs = make_outputs(input_size=input_size)
     processor = FastInstImageProcessor()
-    # The model input is the 480x640 image itself (no resize), so resized = padded = original size.
-    sizes = {"target_sizes": [(HEIGHT, WIDTH)], "image_sizes": [(HEIGHT, WIDTH)]}
+    # The model input is the image (resized): resized = padded input size, masks returned at the 480x640 image size.
+    sizes = {"target_sizes": [(HEIGHT, WIDTH)], "image_sizes": [input_size]}
 
     # The processor must return exactly the instances of the upstream order.
     reference = upstream_order(outputs, args.threshold)
@@ -106,7 +110,8 @@ def main(argv=None) -> None:
     results = [(name, median_ms(function, args.repeats)) for name, function in rows]
     kept_queries = ours["query_indices"].unique().numel()
     print(
-        f"{HEIGHT}x{WIDTH} image, {QUERIES} queries x {CLASSES} classes, top-{TOP_K}, threshold {args.threshold}: "
+        f"{HEIGHT}x{WIDTH} image (model input {input_size[0]}x{input_size[1]}), {QUERIES} queries x {CLASSES} classes, "
+        f"top-{TOP_K}, threshold {args.threshold}: "
         f"{len(ours['scores'])} instances kept ({kept_queries} distinct queries); "
         f"torch {torch.__version__}, {args.threads} thread(s), median of {args.repeats}"
     )

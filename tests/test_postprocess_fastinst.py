@@ -52,3 +52,44 @@ def test_two_pass_post_processing_equals_the_single_pass(monkeypatch, kind):
         assert torch.equal(streamed["segmentation"], single["segmentation"])
     else:
         assert streamed["segmentation"] == single["segmentation"]
+
+
+def blob_logits(queries: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
+    """Stride-8 mask logits with one Gaussian blob per query (positive inside, about -6 elsewhere) plus noise."""
+    generator = torch.Generator().manual_seed(seed)
+    ys = torch.arange(size[0]).view(1, -1, 1).float()
+    xs = torch.arange(size[1]).view(1, 1, -1).float()
+    centres = torch.rand(queries, 2, generator=generator) * torch.tensor(size)
+    sigmas = 1 + 3 * torch.rand(queries, 1, 1, generator=generator)
+    distance2 = (ys - centres[:, 0, None, None]) ** 2 + (xs - centres[:, 1, None, None]) ** 2
+    noise = 0.5 * torch.randn(queries, *size, generator=generator)
+    return 12 * torch.exp(-distance2 / (2 * sigmas**2)) - 6 + noise
+
+
+@pytest.mark.parametrize(
+    "logit_size, resized, output",
+    [((12, 16), (96, 128), (96, 128)), ((12, 16), (90, 128), (75, 107)), ((9, 10), (72, 77), (300, 321))],
+)
+def test_tiled_masks_equal_the_dense_resizing(logit_size, resized, output):
+    """The tiled CPU path gives torch's masks bit for bit (and its scores up to float rounding)."""
+    if processing._exact_axes(logit_size, resized, output) is None:
+        pytest.skip("this torch build's bilinear rounding is not reproduced; the dense path runs instead")
+    logits = blob_logits(9, logit_size)
+    probs = processing.dense_mask_logits(logits, resized, output).sigmoid()
+    masks = probs > 0.5
+    ((_, tiled, scores, areas),) = processing.iter_binary_masks(logits, resized, output, 0.5)
+    assert torch.equal(tiled, masks) and masks.any() and not masks.all()
+    assert torch.equal(areas, masks.flatten(1).sum(1))
+    expected = (probs * masks).flatten(1).sum(1) / (areas + 1e-6)
+    torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+
+
+def test_paint_masks_equals_painting_one_mask_at_a_time():
+    generator = torch.Generator().manual_seed(0)
+    for count in (0, 1, 7, 255, 300):
+        masks = torch.rand(max(count // 2, 1), 9, 11, generator=generator) > 0.7
+        # Segments by descending score; masks shared by several segments (a query kept with several labels).
+        indices = torch.randint(0, len(masks), (count,), generator=generator)
+        lowest_first = ((index, masks[indices[index]]) for index in range(count - 1, -1, -1))
+        expected = processing.paint_segmentation(lowest_first, (9, 11))
+        assert torch.equal(processing.paint_masks(masks.clone(), indices, (9, 11)), expected)

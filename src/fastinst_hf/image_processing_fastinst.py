@@ -5,9 +5,12 @@ RGB uint8 -> `ResizeShortestEdge` (detectron2 rounding) with bilinear resampling
 0-255 values -> zero padding at the bottom/right to a multiple of `size_divisor` and to the batch maximum.
 
 Post-processing reproduces the official `FastInst.instance_inference`, but selects the top-k
-(query, class) pairs first and only upsamples the masks of the kept queries.
+(query, class) pairs first and only upsamples the masks of the kept queries (on CPU, only the output tiles where
+a mask pixel can be).
 """
 
+import functools
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -213,9 +216,14 @@ def _masks_from_segmentation_map(
 # ---------------------------------------------------------------------------------------------------------------------
 # Post-processing
 # ---------------------------------------------------------------------------------------------------------------------
-# Masks are upsampled in chunks of about this many pixels: a chunk stays in the CPU cache (several times faster than
-# one pass over all masks) and the float masks never exist at the target size for all kept queries at once.
+# Dense path (GPU, or where the tiled path is not exact): masks are upsampled in chunks of about this many pixels, so a
+# chunk stays in the CPU cache and the float masks never exist at the target size for all kept queries at once.
 CHUNK_PIXELS = 1_300_000
+# Tiled path (CPU): boolean masks are made for about this many pixels at a time; float values only exist for
+# TILE_BATCH tiles of MASK_TILE x MASK_TILE pixels at a time.
+TILED_CHUNK_PIXELS = 1 << 25
+MASK_TILE = 32
+TILE_BATCH = 1024
 # Above this many bytes of boolean masks per image, the painted map and the RLEs are made in two passes (scores
 # first, then the masks again in score order) instead of holding every mask: bounded memory for huge targets.
 MAX_MASK_BYTES = 1 << 30
@@ -250,39 +258,199 @@ def select_top_detections(
     return class_scores, torch.div(flat_indices, num_classes, rounding_mode="floor"), flat_indices % num_classes
 
 
+def bilinear_taps(in_size: int, out_size: int, fused: bool) -> tuple[torch.Tensor, ...]:
+    """
+    Source indices and weights of torch's bilinear resizing (align_corners=False) along one axis, computed in float32
+    the way its CPU kernel does (clamped at both ends; `fused`: `scale * (o + 0.5) - 0.5` as one fma, see `_lerp`):
+    `(i0, i1, w0, w1)`, each `(out_size,)`; output `o` is `input[i0[o]] * w0[o] + input[i1[o]] * w1[o]`.
+    """
+    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
+    centres = torch.arange(out_size, dtype=torch.float32) + 0.5
+    # Both products are exact in float64, so its sum rounded to float32 is the fma.
+    source = (scale.double() * centres.double() - 0.5).float() if fused else scale * centres - 0.5
+    source.clamp_(min=0)
+    i0 = source.floor().long().clamp_(max=in_size - 1)
+    w1 = (source - i0).clamp_(0, 1)
+    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
+    return i0, i1, 1 - w1, w1
+
+
+def _lerp(first, second, w0, w1, fused: bool) -> torch.Tensor:
+    """torch's bilinear step `first * w0 + second * w1`. Its AVX2 CPU build fuses the first product into the sum (one
+    rounding: `fma(first, w0, second * w1)`), emulated exactly in float64 when `fused`."""
+    if fused:
+        return (first.double() * w0.double() + (second * w1).double()).float()
+    return first * w0 + second * w1
+
+
+class _Axis:
+    """
+    One axis of the official mask resizing: stride-8 logits (`size`) -> bilinear to the padded input (`8 * size`),
+    crop to `resized`, bilinear to `output`. Holds the taps of both steps (for exact values at given pixels) and, per
+    tile of `tile` output pixels, the window of logits it depends on and the composite float32 weights of the two
+    steps (for approximate values of whole tiles with two small matrix products).
+    """
+
+    def __init__(self, size: int, resized: int, output: int, tile: int, fused: bool):
+        self.first = bilinear_taps(size, size * MASK_STRIDE, fused)
+        self.second = bilinear_taps(resized, output, fused)
+        # Composite weights `(output, size)`: row o mixes the logit rows that output o depends on.
+        first = torch.zeros(size * MASK_STRIDE, size, dtype=torch.float64)
+        i0, i1, w0, w1 = self.first
+        rows = torch.arange(len(i0))
+        first.index_put_((rows, i0), w0.double(), accumulate=True).index_put_((rows, i1), w1.double(), accumulate=True)
+        j0, j1, v0, v1 = self.second
+        weights = v0.double()[:, None] * first[j0] + v1.double()[:, None] * first[j1]
+        self.num_tiles = -(-output // tile)
+        starts = torch.arange(self.num_tiles) * tile
+        ends = (starts + tile).clamp(max=output) - 1
+        self.window_start = i0[j0[starts]]
+        self.window = int((i1[j1[ends]] - self.window_start).max()) + 1
+        # Tile t, pixel k, window row r: logit row window_start[t] + r (past the end: weight 0, index clamped).
+        window_rows = self.window_start[:, None] + torch.arange(self.window)
+        pixels = (starts[:, None] + torch.arange(tile)).clamp(max=output - 1)
+        self.tile_weights = weights[pixels[:, :, None], window_rows.clamp(max=size - 1)[:, None, :]]
+        self.tile_weights *= (window_rows < size)[:, None, :]
+        self.tile_weights = self.tile_weights.float()
+        self.window_rows = window_rows.clamp(max=size - 1)
+        self.valid = starts[:, None] + torch.arange(tile) < output
+
+
+def _resample(taps, positions: torch.Tensor, lookup, fused: bool) -> torch.Tensor:
+    """One bilinear step at output `positions` of one axis; `lookup(indices)` gives the input values there."""
+    i0, i1, w0, w1 = (tap[positions] for tap in taps)
+    return _lerp(lookup(i0), lookup(i1), w0, w1, fused)
+
+
+def exact_mask_logits(logits, maps, ys, xs, rows: _Axis, cols: _Axis, fused: bool) -> torch.Tensor:
+    """
+    `(P,)` resized mask logits at the pixels `(maps, ys, xs)` of `(U, h, w)` stride-8 `logits`, bit-identical to
+    `F.interpolate` to the padded size then to the output size (each step: height outer, width inner, as torch).
+    """
+
+    def padded(ys_padded, xs_padded):
+        def row(h):
+            return _resample(cols.first, xs_padded, lambda c: logits[maps, h, c], fused)
+
+        return _resample(rows.first, ys_padded, row, fused)
+
+    return _resample(rows.second, ys, lambda y: _resample(cols.second, xs, lambda x: padded(y, x), fused), fused)
+
+
+def dense_mask_logits(mask_logits: torch.Tensor, resized_size, output_size) -> torch.Tensor:
+    """`(n, h, w)` stride-8 mask logits -> `(n, *output_size)`: the official bilinear upsampling to the padded input
+    size, crop to `resized_size`, bilinear to `output_size` (skipped when equal: resizing to the same size is the
+    identity)."""
+    padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
+    logits = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
+    logits = logits[..., : resized_size[0], : resized_size[1]]
+    if tuple(logits.shape[-2:]) != tuple(output_size):
+        logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+@functools.lru_cache(maxsize=16)
+def _exact_axes(logit_size, resized_size, output_size) -> tuple[_Axis, _Axis, bool] | None:
+    """
+    `(rows, cols, fused)` with which [`exact_mask_logits`] reproduces [`dense_mask_logits`] bit for bit at these sizes
+    on this CPU, or None. Checked on one random mask at up to 2**20 pixels, because torch's kernel rounds differently
+    with its build (fused multiply-adds) and for small outputs (another kernel).
+    """
+    generator = torch.Generator().manual_seed(0)
+    probe = 4 * torch.randn(1, *logit_size, generator=generator)
+    reference = dense_mask_logits(probe, resized_size, output_size)
+    pixels = torch.randint(0, reference.numel(), (min(reference.numel(), 1 << 20),), generator=generator)
+    maps, ys, xs = torch.unravel_index(pixels, reference.shape)
+    for fused in (True, False):
+        rows = _Axis(logit_size[0], resized_size[0], output_size[0], MASK_TILE, fused)
+        cols = _Axis(logit_size[1], resized_size[1], output_size[1], MASK_TILE, fused)
+        if torch.equal(exact_mask_logits(probe, maps, ys, xs, rows, cols, fused), reference[maps, ys, xs]):
+            return rows, cols, fused
+    return None
+
+
+def _tile_maxima(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """`(n, tile rows, tile cols)` maxima of the logits each output tile depends on: bilinear values are convex
+    combinations, so no pixel of a tile exceeds it (up to rounding)."""
+    row_maxima = logits[:, rows.window_rows].amax(2)
+    return row_maxima[:, :, cols.window_rows].amax(3)
+
+
+def _tile_probabilities(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis, fused, limit, margin):
+    """`(T, MASK_TILE, MASK_TILE)` sigmoid of the resized logits of tiles `(maps, tile_ys, tile_xs)`: two small matrix
+    products with the composite weights, then the exact values (torch's arithmetic) where that approximation is
+    within `margin` of the logit `limit` of the mask threshold, so that thresholding them gives torch's masks."""
+    patches = logits[maps[:, None, None], rows.window_rows[tile_ys][:, :, None], cols.window_rows[tile_xs][:, None, :]]
+    values = rows.tile_weights[tile_ys] @ (patches @ cols.tile_weights[tile_xs].transpose(1, 2))
+    valid = rows.valid[tile_ys][:, :, None] & cols.valid[tile_xs][:, None, :]
+    tiles, ys, xs = torch.nonzero(valid & ((values - limit).abs_() <= margin), as_tuple=True)
+    ys, xs = tile_ys[tiles] * MASK_TILE + ys, tile_xs[tiles] * MASK_TILE + xs
+    values[tiles, ys % MASK_TILE, xs % MASK_TILE] = exact_mask_logits(logits, maps[tiles], ys, xs, rows, cols, fused)
+    return values.sigmoid_(), valid
+
+
+def _tiled_binary_masks(logits: torch.Tensor, axes, output_size, mask_threshold: float):
+    """[`iter_binary_masks`] for one chunk of `(n, h, w)` logits, computing only the tiles where a pixel can pass
+    the threshold: `(masks, mask_scores, areas)`."""
+    rows, cols, fused = axes
+    threshold = float(np.float32(mask_threshold))  # what `probs > mask_threshold` compares with
+    limit = math.log(threshold / (1 - threshold))
+    # Covers the approximation's rounding and the float32 sigmoid's (whose slope at the limit is t * (1 - t)).
+    margin = 1e-4 * (1 + logits.abs().max().item()) + 1e-5 / (threshold * (1 - threshold))
+    maps, tile_ys, tile_xs = torch.nonzero(_tile_maxima(logits, rows, cols) > limit - margin, as_tuple=True)
+    padded = torch.zeros(len(logits), rows.num_tiles * MASK_TILE, cols.num_tiles * MASK_TILE, dtype=torch.bool)
+    tiles = padded.view(len(logits), rows.num_tiles, MASK_TILE, cols.num_tiles, MASK_TILE).transpose(2, 3)
+    sums = torch.zeros(len(logits), dtype=torch.float64)
+    areas = torch.zeros(len(logits), dtype=torch.long)
+    for start in range(0, len(maps), TILE_BATCH):
+        batch = (
+            maps[start : start + TILE_BATCH],
+            tile_ys[start : start + TILE_BATCH],
+            tile_xs[start : start + TILE_BATCH],
+        )
+        probs, valid = _tile_probabilities(logits, *batch, rows, cols, fused, limit, margin)
+        masks = (probs > mask_threshold) & valid
+        tiles[batch] = masks
+        sums.index_add_(0, batch[0], probs.mul_(masks).flatten(1).sum(1).double())
+        areas.index_add_(0, batch[0], masks.flatten(1).sum(1))
+    return padded[:, : output_size[0], : output_size[1]], (sums / (areas + 1e-6)).float(), areas
+
+
 def iter_binary_masks(
     mask_logits: torch.Tensor,
     resized_size: tuple[int, int],
     output_size: tuple[int, int],
     mask_threshold: float,
-    out: torch.Tensor | None = None,
-    chunk_pixels: int = CHUNK_PIXELS,
+    chunk_pixels: int | None = None,
 ):
     """
-    Official mask upsampling of `(N, h, w)` stride-8 mask logits, a chunk of masks at a time: bilinear
-    (align_corners=False) to the padded input size `(8h, 8w)`, crop to `resized_size`, bilinear to `output_size`,
-    sigmoid, `> mask_threshold`.
+    Official mask upsampling of `(N, h, w)` stride-8 mask logits (see [`dense_mask_logits`]), sigmoid,
+    `> mask_threshold`, a chunk of masks at a time. On CPU, where [`exact_mask_logits`] matches torch's kernel, only
+    the tiles that can hold mask pixels are resized (the same masks, several times faster); otherwise the chunk is
+    resized densely.
 
     Yields:
         `(start, masks, mask_scores, areas)`: masks `start : start + n` as `(n, *output_size)` bool, their `(n,)` mask
-        scores `sum(p * mask) / (sum(mask) + 1e-6)` and their `(n,)` areas `sum(mask)`. With `out` (`(N, *output_size)`
-        bool), the masks are written into it.
+        scores `sum(p * mask) / (sum(mask) + 1e-6)` and their `(n,)` areas `sum(mask)`.
     """
-    padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
-    chunk = max(1, chunk_pixels // (max(padded_size[0] * padded_size[1], output_size[0] * output_size[1])))
+    threshold = float(np.float32(mask_threshold))
+    axes = None
+    if mask_logits.device.type == "cpu" and mask_logits.dtype == torch.float32 and 0 < threshold < 1:
+        axes = _exact_axes(tuple(mask_logits.shape[-2:]), tuple(resized_size), tuple(output_size))
+    if chunk_pixels is None:
+        chunk_pixels = CHUNK_PIXELS if axes is None else TILED_CHUNK_PIXELS
+    # The dense path also holds the float masks at the padded size; the tiled path only the bool output.
+    padded_pixels = 0 if axes else mask_logits.shape[-2] * mask_logits.shape[-1] * MASK_STRIDE**2
+    chunk = max(1, chunk_pixels // max(padded_pixels, output_size[0] * output_size[1]))
     for start in range(0, mask_logits.shape[0], chunk):
-        logits = F.interpolate(
-            mask_logits[None, start : start + chunk], size=padded_size, mode="bilinear", align_corners=False
-        )
-        logits = logits[..., : resized_size[0], : resized_size[1]]
-        # Bilinear resizing to the same size is the identity (weights 1 and 0), so it can be skipped.
-        if tuple(logits.shape[-2:]) != tuple(output_size):
-            logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
-        probs = logits[0].contiguous().sigmoid_()
-        masks = torch.gt(probs, mask_threshold, out=None if out is None else out[start : start + len(probs)])
+        logits = mask_logits[start : start + chunk]
+        if axes is not None:
+            yield start, *_tiled_binary_masks(logits, axes, output_size, mask_threshold)
+            continue
+        probs = dense_mask_logits(logits, resized_size, output_size).contiguous().sigmoid_()
+        masks = probs > mask_threshold
         areas = torch.count_nonzero(masks.flatten(1), dim=1)
-        mask_scores = probs.masked_fill_(~masks, 0).flatten(1).sum(1) / (areas + 1e-6)
-        yield start, masks, mask_scores, areas
+        yield start, masks, probs.masked_fill_(~masks, 0).flatten(1).sum(1) / (areas + 1e-6), areas
 
 
 def instance_inference_single(
@@ -294,27 +462,32 @@ def instance_inference_single(
     mask_threshold: float,
     num_detections: int,
     keep_masks: bool = True,
+    mask_sink=None,
 ) -> dict[str, torch.Tensor]:
     """
     The official `FastInst.instance_inference` for one image (`(Q, K+1)` class logits, `(Q, h, w)` mask logits),
     computed on the kept (query, class) pairs only; see [`~FastInstImageProcessor.instance_inference`].
 
     With `keep_masks=False` the masks are not returned (only their `(N,)` pixel `areas`), so memory stays bounded
-    by one chunk of masks; [`iter_instance_masks`] makes them again.
+    by one chunk of masks; [`iter_instance_masks`] makes them again, or `mask_sink` takes them as they are made: it
+    is called with each chunk's `(n, H, W)` bool masks of the distinct kept queries, in turn, and instance `i` has
+    mask number `mask_indices[i]`.
     """
     class_scores, query_indices, labels = select_top_detections(class_logits, num_detections, threshold)
     # A query can be kept with several classes: resize each distinct query's mask once.
     unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
     mask_scores = class_scores.new_zeros(len(unique_queries))
     areas = torch.zeros(len(unique_queries), dtype=torch.long, device=mask_logits.device)
-    masks = None
-    if keep_masks:
-        masks = torch.empty((len(unique_queries), *output_size), dtype=torch.bool, device=mask_logits.device)
-    for start, _, chunk_scores, chunk_areas in iter_binary_masks(
-        mask_logits[unique_queries], resized_size, output_size, mask_threshold, out=masks
+    chunks = []
+    for start, masks, chunk_scores, chunk_areas in iter_binary_masks(
+        mask_logits[unique_queries], resized_size, output_size, mask_threshold
     ):
         mask_scores[start : start + len(chunk_scores)] = chunk_scores
         areas[start : start + len(chunk_areas)] = chunk_areas
+        if keep_masks:
+            chunks.append(masks)
+        if mask_sink is not None:
+            mask_sink(masks)
     scores = class_scores * mask_scores[inverse]
 
     keep = scores >= threshold
@@ -326,8 +499,11 @@ def instance_inference_single(
         "labels": labels[keep][order],
         "query_indices": query_indices[keep][order],
         "areas": areas[picked],
+        "mask_indices": picked,
     }
     if keep_masks:
+        none = torch.zeros((0, *output_size), dtype=torch.bool, device=mask_logits.device)
+        masks = chunks[0] if len(chunks) == 1 else torch.cat([none, *chunks])
         result["masks"] = masks[picked]
     return result
 
@@ -394,6 +570,23 @@ def paint_segmentation(indexed_masks, output_size: tuple[int, int], device=None)
     return segmentation
 
 
+def paint_masks(masks: torch.Tensor, mask_indices: torch.Tensor, output_size: tuple[int, int]) -> torch.Tensor:
+    """
+    [`paint_segmentation`] in one pass over `(U, H, W)` bool masks (overwritten): segment `i`, by descending score,
+    has mask `mask_indices[i]`; a mask kept with several labels shows its best segment.
+    """
+    count = len(mask_indices)
+    if not 0 < count < 256:
+        indexed = ((index, masks[mask_indices[index]]) for index in range(count - 1, -1, -1))
+        return paint_segmentation(indexed, output_size, masks.device)
+    # Weight count - i for segment i (each mask: its best segment's): the largest weight covering a pixel is the best.
+    ranks = torch.arange(count, 0, -1, device=masks.device)
+    weights = torch.zeros(len(masks), dtype=torch.long, device=masks.device)
+    weights.scatter_reduce_(0, mask_indices, ranks, "amax")
+    best = masks.view(torch.uint8).mul_(weights.to(torch.uint8)[:, None, None]).amax(0)
+    return torch.where(best > 0, count - best.int(), -1)
+
+
 def post_process_instances_single(
     class_logits: torch.Tensor,
     mask_logits: torch.Tensor,
@@ -408,8 +601,14 @@ def post_process_instances_single(
     """One image of [`~FastInstImageProcessor.post_process_instance_segmentation`] (same arguments)."""
     num_masks = min(num_detections, class_logits.shape[0])
     two_passes = not return_binary_maps and num_masks * output_size[0] * output_size[1] > MAX_MASK_BYTES
+    # The painted map needs each distinct mask once (taken as made), the binary maps and RLEs one per segment.
+    painted = not (two_passes or return_binary_maps or return_coco_annotation)
+    chunks = []
     args = (resized_size, output_size, threshold, mask_threshold, num_detections)
-    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=not two_passes)
+    keep_masks = not (two_passes or painted)
+    instance = instance_inference_single(
+        class_logits, mask_logits, *args, keep_masks=keep_masks, mask_sink=chunks.append if painted else None
+    )
     non_empty = instance["areas"] > 0
     scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
     segments_info = [
@@ -428,16 +627,18 @@ def post_process_instances_single(
             indexed = zip(range(len(queries) - 1, -1, -1), lowest_first)
             segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
         return {"segmentation": segmentation, "segments_info": segments_info}
+    if painted:
+        none = torch.zeros((0, *output_size), dtype=torch.bool, device=mask_logits.device)
+        masks = chunks[0] if len(chunks) == 1 else torch.cat([none, *chunks])
+        segmentation = paint_masks(masks, instance["mask_indices"][non_empty], output_size)
+        return {"segmentation": segmentation, "segments_info": segments_info}
 
     masks = instance["masks"]
     masks = masks if non_empty.all() else masks[non_empty]  # avoids copying the masks in the common case
     if return_binary_maps:
         segmentation = masks
-    elif return_coco_annotation:
-        segmentation = [binary_mask_to_rle(mask) for mask in masks]
     else:
-        indexed = ((index, masks[index]) for index in range(len(masks) - 1, -1, -1))
-        segmentation = paint_segmentation(indexed, output_size, mask_logits.device)
+        segmentation = [binary_mask_to_rle(mask) for mask in masks]
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
@@ -723,7 +924,7 @@ class FastInstImageProcessingMixin:
             result = instance_inference_single(
                 class_logits[i], mask_logits[i], resized_size, output_size, threshold, mask_threshold, num_detections
             )
-            del result["areas"]
+            del result["areas"], result["mask_indices"]
             results.append(result)
         return results
 

@@ -8,7 +8,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 import torch
 
-from ..image_processing_fastinst import instance_inference_single, iter_instance_masks
+from ..image_processing_fastinst import instance_inference_single
 from ..utils.device import synchronize
 from ..utils.packed_masks import PackedMasks
 
@@ -68,18 +68,18 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
 
 
 def _instances(class_logits, mask_logits, resized_size, output_size, threshold, num_detections, max_instances):
-    """One image's instances with masks made and packed one chunk at a time (never all of them as bytes)."""
+    """One image's instances, each distinct query's mask made once and bit-packed as it is made (never all of them
+    as bytes)."""
+    packed = []
+
+    def pack(masks):
+        packed.extend(np.packbits(mask.cpu().numpy()) for mask in masks)
+
     args = (resized_size, output_size, threshold, MASK_THRESHOLD, num_detections)
-    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=False)
-    non_empty = instance["areas"] > 0
-    queries = instance["query_indices"][non_empty][:max_instances]
-    masks = iter_instance_masks(mask_logits, queries, resized_size, output_size, MASK_THRESHOLD)
-    packed = PackedMasks((mask.cpu().numpy() for mask in masks), output_size)
-    return (
-        packed,
-        instance["labels"][non_empty][:max_instances].tolist(),
-        instance["scores"][non_empty][:max_instances].tolist(),
-    )
+    instance = instance_inference_single(class_logits, mask_logits, *args, keep_masks=False, mask_sink=pack)
+    kept = torch.nonzero(instance["areas"] > 0).flatten()[:max_instances]
+    masks = PackedMasks.from_packed([packed[index] for index in instance["mask_indices"][kept].tolist()], output_size)
+    return masks, instance["labels"][kept].tolist(), instance["scores"][kept].tolist()
 
 
 def instances_to_records(masks, labels, scores, id2label) -> list[dict]:

@@ -18,6 +18,13 @@ class PackedMasks:
         self._packed = [np.packbits(np.asarray(mask, dtype=bool)) for mask in masks]
         self.shape = (len(self._packed), *size)
 
+    @classmethod
+    def from_packed(cls, packed: list[np.ndarray], size: tuple[int, int]) -> "PackedMasks":
+        """From masks already packed with `np.packbits` (a list may hold the same array twice: not copied)."""
+        masks = cls.__new__(cls)
+        masks._packed, masks.shape = packed, (len(packed), *size)
+        return masks
+
     def __len__(self) -> int:
         return len(self._packed)
 

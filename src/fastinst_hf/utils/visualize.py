@@ -153,7 +153,11 @@ def layout_tags(
 
 
 def _paint_masks(canvas: np.ndarray, masks: np.ndarray, scores, colours, alpha: float, line_width: int) -> None:
-    """Fill and outline every mask on the float canvas [H, W, 3] in place, lowest score first (best on top)."""
+    """Fill and outline every mask on the uint8 canvas [H, W, 3] in place, lowest score first (best on top).
+
+    Each fill is blended in float32 over the mask's pixels only and truncated back to uint8 (as the whole picture
+    used to be once, at the end): a float canvas of a large image would cost 4x the image.
+    """
     for index in np.argsort(np.asarray(scores, dtype=np.float64), kind="stable"):
         mask = masks[index]
         if not mask.any():
@@ -162,7 +166,7 @@ def _paint_masks(canvas: np.ndarray, masks: np.ndarray, scores, colours, alpha: 
         rows, cols = _bbox(mask)
         mask, region = mask[rows, cols], canvas[rows, cols]
         colour = np.asarray(colours[index], dtype=np.float32)
-        region[mask] = (1 - alpha) * region[mask] + alpha * colour
+        region[mask] = (1 - alpha) * region[mask].astype(np.float32) + alpha * colour
         region[mask_contour(mask, line_width)] = colour
 
 
@@ -184,7 +188,7 @@ def draw_instances(
             one is on top where masks overlap.
         alpha: opacity of the mask fill.
     """
-    canvas = np.asarray(image.convert("RGB"), dtype=np.float32).copy()
+    canvas = np.array(image.convert("RGB"))
     if not isinstance(masks, PackedMasks):  # packed masks stay packed: they are unpacked one at a time
         masks = np.asarray(masks, dtype=bool)
     if len(masks.shape) != 3 or tuple(masks.shape[1:]) != canvas.shape[:2]:
@@ -192,7 +196,7 @@ def draw_instances(
     font_size, line_width = overlay_sizes(*canvas.shape[:2])
     colours = instance_colours(len(masks))
     _paint_masks(canvas, masks, scores, colours, alpha, line_width)
-    result = Image.fromarray(canvas.clip(0, 255).astype(np.uint8))
+    result = Image.fromarray(canvas)
 
     font = ImageFont.load_default(size=font_size)
     names = id2label or {}
