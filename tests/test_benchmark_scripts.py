@@ -1,7 +1,9 @@
-"""Smoke tests of `scripts/benchmark_cpu_vs_official.py` and of the benchmark's optional peers on a tiny config,
-in-process (the script times full-size variants; `tests/test_scripts.py` runs the other scripts as subprocesses)."""
+"""Smoke tests of `scripts/benchmark_cpu_vs_official.py` and of the benchmark's optional peers and training step on
+a tiny config, in-process (the script times full-size variants; `tests/test_scripts.py` runs the other scripts as
+subprocesses)."""
 
 import importlib.util
+import json
 import sys
 import types
 from pathlib import Path
@@ -68,3 +70,28 @@ def test_benchmark_rfdetr_peer_builds_random_weights_and_predicts_every_query(mo
     result = benchmark.time_rfdetr("rfdetr-seg-nano", image, warmup=1, runs=2)
     assert calls == [{"pretrain_weights": None, "device": "cpu"}] + [((48, 64, 3), 0.0)] * 3
     assert len(result["full"]["runs_ms"]) == 2
+
+
+def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, capsys):
+    """`--train-step` without `--official-root`: our step in its worker process, the official one named as skipped."""
+    from fastinst_hf import FastInstForInstanceSegmentation
+    from fastinst_hf.cli import main
+    from fastinst_hf.conversion.official import save_converted
+
+    torch.manual_seed(0)
+    model_dir = save_converted(FastInstForInstanceSegmentation(tiny_config()), tmp_path / "model")
+    argv = ["benchmark", "--model", str(model_dir), "--device", "cpu", "--runtimes", "eager", "--batch-sizes", ""]
+    out = tmp_path / "bench.json"
+    assert main([*argv, "--runs", "2", "--warmup", "0", "--train-step", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| fastinst_hf | " in table and "official trainer" not in table
+    assert "skipped official: no --official-root" in table
+    step = json.loads(out.read_text())["train_step"]
+    assert (step["batch_size"], step["size"], set(step) - {"batch_size", "size", "threads"}) == (
+        2,
+        512,
+        {"fastinst_hf"},
+    )
+    ours = step["fastinst_hf"]
+    assert len(ours["runs_ms"]) == len(ours["cpu"]["runs_ms"]) == 2 and ours["median_ms"] > 0
+    assert ours["peak_rss_mib"] >= ours["peak_rss_before_steps_mib"] > 0

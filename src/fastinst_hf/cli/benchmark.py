@@ -55,7 +55,11 @@ def add_parser(commands) -> None:
     parser.add_argument("--official-root", default=None, help="PARITY_ROOT of shared/tools/official_parity")
     parser.add_argument("--official-tools", default=None, help="folder of bench_official.py")
     parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEER_PACKAGES)}")
-    parser.add_argument("--train-step", action="store_true", help="also time one training step (batch 2, 512px)")
+    parser.add_argument(
+        "--train-step",
+        action="store_true",
+        help="also time one training step (batch 2, 512px; with --official-root also the official trainer's step)",
+    )
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")

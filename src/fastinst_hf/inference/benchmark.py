@@ -13,11 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-import json
-import os
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -29,6 +26,7 @@ import torch
 from torch.nn import functional as F
 
 from ..utils.device import synchronize
+from .benchmark_training import time_training
 from .levers import (
     AutocastModel,
     OnnxRuntimeModel,
@@ -37,6 +35,7 @@ from .levers import (
     prepare_for_inference,
     to_channels_last,
 )
+from .timing import StepWorker, official_process, summarise
 
 # ImageNet mean / std on 0-255 values, as the official model normalises its input.
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
@@ -124,15 +123,6 @@ def available(runtime: Runtime, device: torch.device) -> str | None:
     return None
 
 
-def summarise(times_ms: list[float]) -> dict:
-    return {
-        "median_ms": statistics.median(times_ms),
-        "min_ms": min(times_ms),
-        "max_ms": max(times_ms),
-        "runs_ms": [round(t, 3) for t in times_ms],
-    }
-
-
 @dataclass
 class Case:
     """What every runtime is timed on: one image (B copies) resized, and the post-processing target size."""
@@ -157,7 +147,7 @@ class Case:
 
 
 def time_interleaved(
-    runners: dict[str, Callable], case: Case, warmup: int, runs: int, official: OfficialModel | None = None
+    runners: dict[str, Callable], case: Case, warmup: int, runs: int, official: StepWorker | None = None
 ) -> dict[str, dict]:
     """Times network / postprocess / full of every runner (and the official model), one after the other in each
     round, so that load changes hit them all alike."""
@@ -222,39 +212,6 @@ with torch.no_grad():
 """
 
 
-class OfficialModel:
-    """The official FastInst in the environment `shared/tools/official_parity/setup_official.sh` built under
-    `parity_root`, as a subprocess (detectron2 never enters this process); `measure()` times one network and one
-    full call."""
-
-    def __init__(self, parity_root: str, tools_dir: str, variant_key: str, threads: int):
-        python = Path(parity_root) / "venv" / "bin" / "python"
-        if not python.is_file():
-            raise FileNotFoundError(f"no official environment at {parity_root} (expected {python})")
-        environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-        environment["PARITY_ROOT"] = str(parity_root)
-        command = [str(python), "-W", "ignore", "-c", OFFICIAL_DRIVER, variant_key, str(threads)]
-        self.process = subprocess.Popen(
-            command, cwd=tools_dir, env=environment, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        self.info = self._read()
-
-    def _read(self) -> dict:
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the official model process ended (exit status {self.process.wait()})")
-        return json.loads(line)
-
-    def measure(self) -> dict[str, float]:
-        self.process.stdin.write("\n")
-        self.process.stdin.flush()
-        return self._read()
-
-    def close(self) -> None:
-        self.process.stdin.close()
-        self.process.wait()
-
-
 def cpu_description() -> str:
     model = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
@@ -283,37 +240,6 @@ def make_case(config, image: np.ndarray, batch_size: int, processor, device: tor
     resized = np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
     chw = torch.from_numpy(resized.astype(np.float32).transpose(2, 0, 1).copy())
     return Case(chw[None].repeat(batch_size, 1, 1, 1), tuple(image.shape[:2]), processor, device)
-
-
-def time_training_step(config, batch_size: int, size: int, steps: int, warmup: int) -> dict:
-    """One optimisation step (forward with the loss, backward, AdamW step) on random images and square masks."""
-    import resource
-
-    from .. import FastInstForInstanceSegmentation
-
-    torch.manual_seed(0)
-    model = FastInstForInstanceSegmentation(config).train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    pixel_values = torch.randn(batch_size, 3, size, size)
-    mask_labels, class_labels = [], []
-    for index in range(batch_size):
-        masks = torch.zeros(3, size, size)
-        for k in range(3):
-            start = 32 * (k + index + 1)
-            masks[k, start : start + size // 4, start : start + size // 3] = 1
-        mask_labels.append(masks)
-        class_labels.append(torch.tensor([0, 1, 2]))
-    times = []
-    for step in range(warmup + steps):
-        start = time.perf_counter()
-        loss = model(pixel_values, mask_labels=mask_labels, class_labels=class_labels).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if step >= warmup:
-            times.append((time.perf_counter() - start) * 1000)
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {**summarise(times), "batch_size": batch_size, "size": size, "process_peak_rss_mib": peak_kib / 1024}
 
 
 def time_mask2former(case: Case, warmup: int, runs: int) -> dict:
@@ -426,7 +352,9 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
         elif peer in RFDETR_PEERS:
             result[peer] = time_rfdetr(peer, image, options.warmup, options.runs)
     if options.train_step:
-        result["train_step"] = time_training_step(config, batch_size=2, size=512, steps=options.runs, warmup=1)
+        result["train_step"] = time_training(config, image, options)
+    if not options.official_root:
+        result["skipped"]["official"] = "no --official-root (an environment of shared/tools/official_parity/)"
     return result
 
 
@@ -448,7 +376,8 @@ def _time_runtimes(runners: dict[str, Callable], case: Case, options: BenchmarkO
     if not options.official_root:
         return {"runtimes": time_interleaved(runners, case, options.warmup, options.runs)}
     threads = torch.get_num_threads()
-    official = OfficialModel(options.official_root, options.official_tools, options.official_key, threads)
+    command, environment = official_process(options.official_root, OFFICIAL_DRIVER, options.official_key, str(threads))
+    official = StepWorker(command, options.official_tools, environment)
     try:
         timed = time_interleaved(runners, case, options.warmup, options.runs, official)
     finally:
@@ -523,14 +452,33 @@ def format_table(result: dict) -> str:
             values = " | ".join(f"{result['throughput'][b][name]:.2f}" for b in result["throughput"])
             lines.append(f"| {name} | {values} |")
     if "train_step" in result:
-        step = result["train_step"]
-        lines += [
-            "",
-            f"Training step (D1 config, batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + "
-            f"AdamW): {_cell(step)} ms; process peak RSS {step['process_peak_rss_mib']:.0f} MiB",
-        ]
+        lines += _training_table(result["train_step"])
     if result.get("setup_ms"):
         setup = ", ".join(f"{name} {ms:.0f}" for name, ms in result["setup_ms"].items())
         lines += ["", f"Setup ms (build + first call, where torch.compile compiles and onnxruntime exports): {setup}"]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
+
+
+def _training_table(step: dict) -> list[str]:
+    """Rows of the training-step result of `time_training`: wall and process CPU ms median (min-max) with their
+    ratios to the official step, and each worker process's peak RSS."""
+    reference = step.get("official")
+    lines = [
+        "",
+        f"Training step (batch {step['batch_size']}, {step['size']}x{step['size']}, loss + backward + AdamW step, CPU, "
+        f"{step['threads']} threads; one worker process per side, peak RSS = its VmHWM)",
+        "",
+        "| training step | wall ms | / official | process CPU ms | / official | peak RSS MiB | peak RSS before step 1 MiB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, label in (("official", "official trainer (detectron2)"), ("fastinst_hf", "fastinst_hf")):
+        if name in step:
+            side = step[name]
+            wall = f"{side['median_ms'] / reference['median_ms']:.2f}" if reference else "-"
+            cpu = f"{side['cpu']['median_ms'] / reference['cpu']['median_ms']:.2f}" if reference else "-"
+            lines.append(
+                f"| {label} | {_cell(side)} | {wall} | {_cell(side['cpu'])} | {cpu} | {side['peak_rss_mib']:.0f} | "
+                f"{side['peak_rss_before_steps_mib']:.0f} |"
+            )
+    return lines
