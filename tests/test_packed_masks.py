@@ -1,6 +1,7 @@
 """Bit-packed instance masks, and `predict` giving exactly the processor's instances through them."""
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
@@ -21,10 +22,12 @@ def test_packed_masks_round_trip_at_one_bit_per_pixel():
     assert sum(p.nbytes for p in packed._packed) == 3 * -(-37 * 53 // 8)
 
 
-def test_predict_returns_the_processors_instances():
+@pytest.mark.parametrize("duplicate_iou_threshold", [None, 0.3])
+def test_predict_returns_the_processors_instances(duplicate_iou_threshold):
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(tiny_config()).eval()
     processor = image_processor_for_config(model.config)
+    processor.duplicate_iou_threshold = duplicate_iou_threshold
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8))
     masks, labels, scores, _ = predict_image(model, processor, image, torch.device("cpu"), 0.0, None)
     with torch.no_grad():

@@ -93,3 +93,35 @@ def test_paint_masks_equals_painting_one_mask_at_a_time():
         lowest_first = ((index, masks[indices[index]]) for index in range(count - 1, -1, -1))
         expected = processing.paint_segmentation(lowest_first, (9, 11))
         assert torch.equal(processing.paint_masks(masks.clone(), indices, (9, 11)), expected)
+
+
+def duplicate_outputs() -> SimpleNamespace:
+    """Four queries: 0 and 1 mask the same square as class 0 (1 ranked lower), 2 the same square as class 1,
+    3 another square as class 0; query 4 is "no object"."""
+    square, other = torch.full((8, 8), -6.0), torch.full((8, 8), -6.0)
+    square[1:5, 1:5], other[4:8, 4:8] = 6.0, 6.0
+    masks = torch.stack([square, square.clone(), square.clone(), other, other.clone()])
+    classes = torch.full((5, 3), -6.0)
+    classes[0, 0], classes[1, 0], classes[2, 1], classes[3, 0], classes[4, 2] = 6.0, 4.0, 5.0, 3.0, 6.0
+    return SimpleNamespace(class_queries_logits=classes[None], masks_queries_logits=masks[None])
+
+
+def test_suppress_duplicates_drops_lower_ranked_same_class_overlaps_only():
+    outputs = duplicate_outputs()
+    queries, labels = torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 0, 0])
+    keep = processing.suppress_duplicates(outputs.masks_queries_logits[0], queries, labels, 0.8)
+    assert keep.tolist() == [True, True, False, True]
+    assert processing.suppress_duplicates(outputs.masks_queries_logits[0], queries, labels, 1.0).all()
+
+
+def test_processor_duplicate_iou_threshold_is_off_by_default_and_round_trips(tmp_path):
+    outputs = duplicate_outputs()
+    default = FastInstImageProcessor(num_detections=10)
+    suppressing = FastInstImageProcessor(num_detections=10, duplicate_iou_threshold=0.8)
+    kwargs = {"threshold": 0.5, "target_sizes": [(64, 64)], "image_sizes": [(64, 64)]}
+    found = [p.post_process_instance_segmentation(outputs, **kwargs)[0] for p in (default, suppressing)]
+    queries = [p.instance_inference(outputs, **kwargs)[0]["query_indices"].tolist() for p in (default, suppressing)]
+    assert sorted(queries[0]) == [0, 1, 2, 3] and sorted(queries[1]) == [0, 2, 3]
+    assert len(found[0]["segments_info"]) == 4 and len(found[1]["segments_info"]) == 3
+    suppressing.save_pretrained(tmp_path)
+    assert FastInstImageProcessor.from_pretrained(tmp_path).duplicate_iou_threshold == 0.8
