@@ -84,21 +84,36 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
         assert instance["score"] == pytest.approx(score, abs=1e-6)
 
 
-@pytest.mark.slow  # two ONNX exports: minutes on a loaded 2-core machine
-def test_predict_with_the_onnxruntime_runtime_finds_the_same_instances(
-    tiny_model_dir, image_dir, tmp_path, monkeypatch
+def test_predict_names_a_missing_graph_runtime_package_before_loading_the_model(
+    image_dir, tmp_path, capsys, monkeypatch
 ):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "openvino" else find_spec(name))
+    out = tmp_path / "out"
+    assert (
+        _predict(image_dir / "a.png", "--model", tmp_path / "no_model", "--output", out, "--runtime", "openvino") == 2
+    )
+    assert "--runtime openvino: the package openvino is not installed" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.slow  # an ONNX export: minutes on a loaded 2-core machine
+def test_predict_with_the_graph_runtimes_finds_the_same_instances(tiny_model_dir, image_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))
     outputs = {}
-    for runtime in ("torch", "onnxruntime"):
+    for runtime in ("torch", "onnxruntime", "openvino"):
         out = tmp_path / runtime
         argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
         assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
         outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
-    assert [i["label_id"] for i in outputs["onnxruntime"]] == [i["label_id"] for i in outputs["torch"]]
-    for ours, reference in zip(outputs["onnxruntime"], outputs["torch"]):
-        assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
-        assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
+    for runtime in ("onnxruntime", "openvino"):
+        assert [i["label_id"] for i in outputs[runtime]] == [i["label_id"] for i in outputs["torch"]]
+        for ours, reference in zip(outputs[runtime], outputs["torch"]):
+            assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
+            assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
+    # Both graph runtimes ran the one cached export.
     assert len(list((tmp_path / "cache" / "onnx").glob("*/model.onnx"))) == 1
 
 

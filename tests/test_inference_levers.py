@@ -11,6 +11,7 @@ from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
     OpenVinoModel,
     autocast_context,
+    cached_graph,
     cpu_supports_bf16,
     fold_batch_norms,
     graph_key,
@@ -114,14 +115,15 @@ def test_onnxruntime_model_exports_once_per_model_into_the_cache(tmp_path, monke
     from fastinst_hf.inference import onnx_export
 
     model = tiny_model(RESNET)
-    first = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
-    assert (tmp_path / graph_key(model) / "model.onnx").is_file()
+    path = cached_graph(model, tmp_path)
+    assert path == tmp_path / graph_key(model) / "model.onnx" and path.is_file()
+    first = OnnxRuntimeModel(path, num_threads=1)
 
     def no_export(*args, **kwargs):
         raise AssertionError("the cached graph should have been reused")
 
     monkeypatch.setattr(onnx_export, "export_onnx", no_export)
-    second = OnnxRuntimeModel.from_model(model, num_threads=1, cache_dir=tmp_path)
+    second = OnnxRuntimeModel(cached_graph(model, tmp_path), num_threads=1)
     pixel_values = torch.randn(1, 3, 128, 160)
     torch.testing.assert_close(second(pixel_values).masks_queries_logits, first(pixel_values).masks_queries_logits)
 

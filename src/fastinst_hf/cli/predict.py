@@ -10,6 +10,7 @@ are still written.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..inference.levers import OnnxRuntimeModel
+from ..inference.levers import OnnxRuntimeModel, OpenVinoModel, cached_graph
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_images
 from ..inference.resolve import cache_root
@@ -29,6 +30,8 @@ from ..utils.files import atomic_path, atomic_write_text, check_output_folder
 from ..utils.images import collect_image_paths, load_image, unique_stems
 from ..utils.visualize import draw_instances
 from .options import add_device_argument, add_model_argument
+
+GRAPH_RUNTIMES = {"onnxruntime": OnnxRuntimeModel, "openvino": OpenVinoModel}
 
 DEFAULT_OUTPUT_DIR = "fastinst_predictions"
 
@@ -51,10 +54,10 @@ def add_parser(commands) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=("torch", "onnxruntime"),
+        choices=("torch", *GRAPH_RUNTIMES),
         default="torch",
-        help="onnxruntime: run the model with onnxruntime (CPU); its ONNX export (about a minute) is done once per model "
-        "and kept under the cache root ($FASTINST_HF_CACHE, else ~/.cache/fastinst_hf)/onnx",
+        help="onnxruntime / openvino (optional package): run the model's ONNX graph on the CPU; the export (about a "
+        "minute) is done once per model and kept under the cache root ($FASTINST_HF_CACHE, else ~/.cache/fastinst_hf)/onnx",
     )
     parser.set_defaults(run=run)
 
@@ -66,14 +69,16 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--max-instances must be >= 1, got {args.max_instances}")
     if args.batch_size < 1:
         raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.runtime in GRAPH_RUNTIMES and importlib.util.find_spec(args.runtime) is None:
+        raise InputError(f"--runtime {args.runtime}: the package {args.runtime} is not installed")
     paths = collect_image_paths(args.sources)
     output_dir = check_output_folder(args.output, "--output")
     device = select_device(args.device)
     model, processor, model_dir = load_model_and_processor(args.model, device)
-    if args.runtime == "onnxruntime":
+    if args.runtime in GRAPH_RUNTIMES:
         if device.type != "cpu":
-            raise InputError("--runtime onnxruntime runs on the CPU; use --device cpu")
-        model = OnnxRuntimeModel.from_model(model, cache_dir=cache_root() / "onnx")
+            raise InputError(f"--runtime {args.runtime} runs on the CPU; use --device cpu")
+        model = GRAPH_RUNTIMES[args.runtime](cached_graph(model, cache_root() / "onnx"), config=model.config)
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

@@ -19,7 +19,6 @@ import contextlib
 import copy
 import hashlib
 import math
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -140,30 +139,22 @@ class OnnxRuntimeModel:
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
 
-    @classmethod
-    def from_model(
-        cls, model, num_threads: int | None = None, cache_dir: str | Path | None = None
-    ) -> "OnnxRuntimeModel":
-        """Export `model` (dynamic batch and size) and run the graph. With `cache_dir`, the graph is kept there under
-        a key of the weights, config and library versions, so that only the first call for a model pays the export;
-        without it, the graph lives in a temporary folder kept while the returned object lives."""
-        from .onnx_export import export_onnx
-
-        side = 32 * max(4, math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2))
-        if cache_dir is not None:
-            path = Path(cache_dir) / graph_key(model) / "model.onnx"
-            if not path.is_file():
-                export_onnx(model, path, side, side)
-            return cls(path, num_threads, model.config)
-        folder = tempfile.TemporaryDirectory(prefix="fastinst_onnx_")
-        runtime = cls(export_onnx(model, Path(folder.name) / "model.onnx", side, side), num_threads, model.config)
-        runtime._folder = folder
-        return runtime
-
     def __call__(self, pixel_values: torch.Tensor, **kwargs) -> SimpleNamespace:
         feed = {"pixel_values": pixel_values.detach().cpu().float().contiguous().numpy()}
         outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
         return SimpleNamespace(**{name: torch.from_numpy(value) for name, value in outputs.items()})
+
+
+def cached_graph(model, cache_dir: str | Path) -> Path:
+    """The ONNX graph of `model` (dynamic batch and size) under `cache_dir`, exported on the first call for these
+    weights, config and library versions (about a minute for D1) and reused afterwards."""
+    from .onnx_export import export_onnx
+
+    path = Path(cache_dir) / graph_key(model) / "model.onnx"
+    if not path.is_file():
+        side = 32 * max(4, math.ceil(math.ceil(math.sqrt(model.config.num_queries)) / 2))
+        export_onnx(model, path, side, side)
+    return path
 
 
 def graph_key(model) -> str:
