@@ -109,9 +109,14 @@ def duplicate_outputs() -> SimpleNamespace:
 def test_suppress_duplicates_drops_lower_ranked_same_class_overlaps_only():
     outputs = duplicate_outputs()
     queries, labels = torch.tensor([0, 2, 1, 3]), torch.tensor([0, 1, 0, 0])
-    keep = processing.suppress_duplicates(outputs.masks_queries_logits[0], queries, labels, 0.8)
+    class_scores = torch.tensor([0.9, 0.8, 0.7, 0.6])
+    masks = outputs.masks_queries_logits[0]
+    keep = processing.suppress_duplicates(masks, queries, labels, class_scores, 0.8)
     assert keep.tolist() == [True, True, False, True]
-    assert processing.suppress_duplicates(outputs.masks_queries_logits[0], queries, labels, 1.0).all()
+    # The higher estimated final score wins, whatever the order of the pairs.
+    reordered = processing.suppress_duplicates(masks, queries, labels, torch.tensor([0.7, 0.8, 0.9, 0.6]), 0.8)
+    assert reordered.tolist() == [False, True, True, True]
+    assert processing.suppress_duplicates(masks, queries, labels, class_scores, 1.0).all()
 
 
 def test_processor_duplicate_iou_threshold_is_off_by_default_and_round_trips(tmp_path):

@@ -264,22 +264,30 @@ def select_top_detections(
 
 
 def suppress_duplicates(
-    mask_logits: torch.Tensor, query_indices: torch.Tensor, labels: torch.Tensor, iou_threshold: float
+    mask_logits: torch.Tensor,
+    query_indices: torch.Tensor,
+    labels: torch.Tensor,
+    class_scores: torch.Tensor,
+    iou_threshold: float,
 ) -> torch.Tensor:
     """
-    `(N,)` bool keep-mask of the ranked (query, class) pairs: greedily in rank order, a pair is dropped when its mask
-    has an IoU above `iou_threshold` with a kept pair of the same label. Masks are compared at the resolution of the
-    `(Q, h, w)` stride-8 mask logits (`logit > 0`, i.e. probability > 0.5): cheap, and enough to tell a duplicate.
+    `(N,)` bool keep-mask of (query, class) pairs: greedily by estimated final score, a pair is dropped when its mask
+    has an IoU above `iou_threshold` with a kept pair of the same label. Masks and scores are estimated at the
+    resolution of the `(Q, h, w)` stride-8 mask logits (probability > 0.5; class score x mean probability inside the
+    mask): cheap, and enough to tell a duplicate.
     """
-    masks = (mask_logits[query_indices] > 0).flatten(1).float()
-    intersections = masks @ masks.T
+    probs = mask_logits[query_indices].flatten(1).sigmoid()
+    masks = (probs > 0.5).float()
     areas = masks.sum(1)
+    estimated_scores = class_scores * (probs * masks).sum(1) / (areas + 1e-6)
+    intersections = masks @ masks.T
     ious = intersections / (areas[:, None] + areas[None] - intersections).clamp(min=1)
     duplicates = (ious > iou_threshold) & (labels[:, None] == labels[None])
     keep = torch.ones(len(query_indices), dtype=torch.bool, device=mask_logits.device)
-    for i in range(len(query_indices)):
+    ranked = torch.argsort(estimated_scores, descending=True, stable=True)
+    for position, i in enumerate(ranked.tolist()):
         if keep[i]:
-            keep[i + 1 :] &= ~duplicates[i, i + 1 :]
+            keep[ranked[position + 1 :]] &= ~duplicates[i, ranked[position + 1 :]]
     return keep
 
 
@@ -498,11 +506,11 @@ def instance_inference_single(
     by one chunk of masks; [`iter_instance_masks`] makes them again, or `mask_sink` takes them as they are made: it
     is called with each chunk's `(n, H, W)` bool masks of the distinct kept queries, in turn, and instance `i` has
     mask number `mask_indices[i]`. With `duplicate_iou_threshold`, duplicate pairs are dropped first
-    ([`suppress_duplicates`], in class-score order).
+    ([`suppress_duplicates`]).
     """
     class_scores, query_indices, labels = select_top_detections(class_logits, num_detections, threshold)
     if duplicate_iou_threshold is not None:
-        keep = suppress_duplicates(mask_logits, query_indices, labels, duplicate_iou_threshold)
+        keep = suppress_duplicates(mask_logits, query_indices, labels, class_scores, duplicate_iou_threshold)
         class_scores, query_indices, labels = class_scores[keep], query_indices[keep], labels[keep]
     # A query can be kept with several classes: resize each distinct query's mask once.
     unique_queries, inverse = torch.unique(query_indices, return_inverse=True)
