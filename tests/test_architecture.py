@@ -27,7 +27,8 @@ ALLOWED_LAYERS = {
     "conversion": {"utils", "model", "hub"},
     "inference": {"utils", "model", "hub", "conversion"},
     "training": {"utils", "model", "data", "evaluation", "hub", "conversion"},
-    "cli": {"utils", "model", "data", "evaluation", "hub", "conversion", "inference", "training"},
+    "benchmarks": {"utils", "model", "data", "evaluation", "hub", "conversion", "inference", "training"},
+    "cli": {"utils", "model", "data", "evaluation", "hub", "conversion", "inference", "training", "benchmarks"},
 }
 # Absolute imports a shipped file may make: what a user of a transformers model has installed.
 SHIPPED_ALLOWED = {"torch", "torchvision", "transformers", "huggingface_hub", "numpy", "PIL"}

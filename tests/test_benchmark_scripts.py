@@ -35,8 +35,8 @@ def test_benchmark_cpu_vs_official_times_every_stage(tmp_path):
 
 def test_benchmark_peer_without_its_package_is_skipped_in_one_line(monkeypatch):
     from fastinst_hf import FastInstForInstanceSegmentation
+    from fastinst_hf.benchmarks import runtimes as benchmark
     from fastinst_hf.image_processing_fastinst import FastInstImageProcessor
-    from fastinst_hf.inference import benchmark
 
     real_find_spec = benchmark.importlib.util.find_spec
     monkeypatch.setattr(
@@ -54,7 +54,7 @@ def test_benchmark_peer_without_its_package_is_skipped_in_one_line(monkeypatch):
 
 
 def test_benchmark_rfdetr_peer_builds_random_weights_and_predicts_every_query(monkeypatch):
-    from fastinst_hf.inference import benchmark
+    from fastinst_hf.benchmarks import runtimes as benchmark
 
     calls = []
 

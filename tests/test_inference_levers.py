@@ -146,7 +146,7 @@ def test_openvino_model_matches_pytorch(tmp_path):
 def test_graph_runtimes_say_when_their_package_is_missing(monkeypatch):
     import importlib.util
 
-    from fastinst_hf.inference.benchmark import RUNTIMES, available
+    from fastinst_hf.benchmarks.runtimes import RUNTIMES, available
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert available(RUNTIMES["openvino"], torch.device("cpu")) == "the package openvino is not installed"

@@ -10,9 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..configuration_fastinst import VARIANTS, FastInstConfig
-from ..image_processing_fastinst import FastInstImageProcessor
-from ..inference.benchmark import (
+from ..benchmarks.runtimes import (
     DEFAULT_RUNTIMES,
     PEER_PACKAGES,
     RUNTIMES,
@@ -20,6 +18,8 @@ from ..inference.benchmark import (
     format_table,
     run_benchmark,
 )
+from ..configuration_fastinst import VARIANTS, FastInstConfig
+from ..image_processing_fastinst import FastInstImageProcessor
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
 from ..utils.arguments import HelpFormatter

@@ -23,11 +23,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn import functional as F
 
-from ..utils.device import synchronize
-from .benchmark_training import time_training
-from .levers import (
+from ..inference.levers import (
     AutocastModel,
     OnnxRuntimeModel,
     OpenVinoModel,
@@ -35,11 +32,9 @@ from .levers import (
     prepare_for_inference,
     to_channels_last,
 )
-from .timing import StepWorker, official_process, summarise
-
-# ImageNet mean / std on 0-255 values, as the official model normalises its input.
-PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
-PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+from ..utils.device import synchronize
+from .timing import StepWorker, normalise_and_pad, official_process, summarise
+from .training_step import time_training
 
 
 @dataclass
@@ -81,15 +76,6 @@ PEER_PACKAGES = {
     "yolo11m-seg": "ultralytics",
     **dict.fromkeys(RFDETR_PEERS, "rfdetr"),
 }
-
-
-def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torch.Tensor:
-    """`(B, 3, H, W)` 0-255 float -> normalised, zero-padded at the bottom/right to a multiple of 32."""
-    images = (images - PIXEL_MEAN.to(images.device)) / PIXEL_STD.to(images.device)
-    height, width = images.shape[-2:]
-    pad_h = -(-height // size_divisibility) * size_divisibility - height
-    pad_w = -(-width // size_divisibility) * size_divisibility - width
-    return F.pad(images, (0, pad_w, 0, pad_h))
 
 
 def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:

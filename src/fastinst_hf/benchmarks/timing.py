@@ -1,4 +1,5 @@
-"""Timing helpers shared by the benchmarks: run summaries and line-driven worker processes."""
+"""Timing helpers shared by the benchmarks: the official input normalisation, run summaries and line-driven worker
+processes."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ import os
 import statistics
 import subprocess
 from pathlib import Path
+
+import torch
+from torch.nn import functional as F
 
 
 def summarise(times_ms: list[float]) -> dict:
@@ -53,3 +57,17 @@ def official_process(parity_root: str, driver: str, *args: str) -> tuple[list[st
     environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     environment["PARITY_ROOT"] = str(parity_root)
     return [str(python), "-W", "ignore", "-c", driver, *args], environment
+
+
+# ImageNet mean / std on 0-255 values, as the official model normalises its input.
+PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)
+PIXEL_STD = torch.tensor([58.395, 57.12, 57.375]).view(3, 1, 1)
+
+
+def normalise_and_pad(images: torch.Tensor, size_divisibility: int = 32) -> torch.Tensor:
+    """`(B, 3, H, W)` 0-255 float -> normalised, zero-padded at the bottom/right to a multiple of 32."""
+    images = (images - PIXEL_MEAN.to(images.device)) / PIXEL_STD.to(images.device)
+    height, width = images.shape[-2:]
+    pad_h = -(-height // size_divisibility) * size_divisibility - height
+    pad_w = -(-width // size_divisibility) * size_divisibility - width
+    return F.pad(images, (0, pad_w, 0, pad_h))

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .timing import StepWorker, official_process, summarise
+from .timing import StepWorker, normalise_and_pad, official_process, summarise
 
 # Runs in the official environment (cwd: the parity tools): the official model in train mode with its criterion,
 # weights as bench_official.py perturbs them (the official init leaves `meta_pos_embed` uninitialised).
@@ -93,7 +93,7 @@ def time_training(config, image: np.ndarray, options, batch_size: int = 2, size:
         np.savez(batch_path, **make_training_batch(image, batch_size, size, config.num_labels))
         config_path = Path(workdir) / "config.json"
         config.to_json_file(config_path)
-        ours = [sys.executable, "-m", "fastinst_hf.inference.benchmark_training", str(config_path), str(batch_path)]
+        ours = [sys.executable, "-m", "fastinst_hf.benchmarks.training_step", str(config_path), str(batch_path)]
         workers = {"fastinst_hf": StepWorker([*ours, threads], environment=_this_package_first())}
         if options.official_root:
             process = official_process(options.official_root, OFFICIAL_TRAIN_DRIVER, options.official_key)
@@ -138,7 +138,6 @@ def worker_main(config_path: str, batch_path: str, threads: str) -> None:
     """Our side of `time_training`: builds the model, then times one step per stdin line (JSON lines out)."""
     from .. import FastInstConfig, FastInstForInstanceSegmentation
     from ..training.optim import build_param_groups
-    from .benchmark import normalise_and_pad
 
     torch.set_num_threads(int(threads))
     torch.manual_seed(0)
