@@ -85,6 +85,26 @@ def test_the_module_list_covers_every_layer():
     assert all(f"fastinst_hf.{name}" in MODULES for name in SHIPPED)
 
 
+def relative_import_targets(name: str) -> list[str]:
+    """The module (or package) each relative import of module `name` names, function-level ones included."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    targets = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            base = package.split(".")[: len(package.split(".")) - node.level + 1]
+            targets.append(".".join(base + ([node.module] if node.module else [])))
+    return targets
+
+
+def test_every_relative_import_names_a_module_of_the_package():
+    # A function-level import of a moved module fails only when that function runs.
+    missing = [
+        f"{name}: {target}" for name in MODULES for target in relative_import_targets(name) if target not in MODULES
+    ]
+    assert not missing, "\n".join(missing)
+
+
 def test_no_import_cycle_among_the_package_modules():
     graph = {name: package_imports(name) for name in MODULES}
     try:

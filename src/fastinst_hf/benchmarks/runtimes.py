@@ -81,7 +81,7 @@ PEER_PACKAGES = {
 def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:
     """`pixel_values -> outputs` for `runtime` (model already on the example's device)."""
     if runtime.graph_runtime is not None:
-        from .onnx_export import export_onnx
+        from ..inference.onnx_export import export_onnx
 
         path = workdir / "model.onnx"
         if not path.is_file():  # onnxruntime and openvino run the same graph
