@@ -172,26 +172,27 @@ def test_predict_wrong_model_folders(image_dir, tmp_path, capsys):
 
 
 def test_predict_with_the_embedded_default_model_finds_the_demo_shapes(tmp_path):
-    demo = sorted(DEMO_IMAGE_DIR.glob("*.png"))[0]
     out = tmp_path / "out"
-    assert _predict(demo, "--output", out) == 0
-    record = json.loads((out / f"{demo.stem}.json").read_text())
-    assert record["model"] == str(DEFAULT_MODEL_DIR)
+    assert _predict(DEMO_IMAGE_DIR, "--output", out) == 0
     # The demo images are held-out samples of the training distribution; the ground truth is bundled beside them.
     coco = json.loads((DEMO_IMAGE_DIR / "annotations.json").read_text())
-    image_id = next(img["id"] for img in coco["images"] if img["file_name"] == demo.name)
-    truth = [a for a in coco["annotations"] if a["image_id"] == image_id]
-    height, width = record["height"], record["width"]
-    truth_rles = [
-        mask_util.merge(mask_util.frPyObjects(a["segmentation"], height, width))
-        if isinstance(a["segmentation"], list)
-        else a["segmentation"]
-        for a in truth
-    ]
-    predicted = [inst["segmentation"] for inst in record["instances"]]
-    assert predicted, "the default model finds nothing on its own demo image"
-    ious = mask_util.iou(truth_rles, predicted, [0] * len(predicted))
-    assert (np.asarray(ious).max(axis=1) >= 0.5).mean() >= 0.5, "fewer than half the shapes found"
+    best_ious = []
+    for image in coco["images"]:
+        record = json.loads((out / f"{Path(image['file_name']).stem}.json").read_text())
+        assert record["model"] == str(DEFAULT_MODEL_DIR)
+        truth = [a for a in coco["annotations"] if a["image_id"] == image["id"]]
+        height, width = record["height"], record["width"]
+        truth_rles = [
+            mask_util.merge(mask_util.frPyObjects(a["segmentation"], height, width))
+            if isinstance(a["segmentation"], list)
+            else a["segmentation"]
+            for a in truth
+        ]
+        predicted = [inst["segmentation"] for inst in record["instances"]]
+        assert predicted, f"the default model finds nothing on its demo image {image['file_name']}"
+        best_ious += np.asarray(mask_util.iou(truth_rles, predicted, [0] * len(predicted))).max(axis=1).tolist()
+    # 11 shapes; the model merges the two touching triangles of shapes_1.png into one mask (its card says so).
+    assert len(best_ious) == 11 and np.mean(np.asarray(best_ious) >= 0.5) >= 0.7, best_ious
 
 
 def test_overlay_draws_fill_contour_and_tag():
