@@ -68,8 +68,8 @@ def predict_images(model, processor, images, device, threshold: float, max_insta
 
 
 def _instances(processor, class_logits, mask_logits, resized_size, output_size, threshold, max_instances):
-    """One image's instances (with `processor`'s top-k size and duplicate suppression), each distinct query's mask made once and bit-packed as it is made (never all of them
-    as bytes)."""
+    """One image's instances (with `processor`'s top-k size and duplicate suppression), each distinct query's mask
+    made once and bit-packed as it is made (never all of them as bytes)."""
     packed = []
 
     def pack(masks):
