@@ -17,11 +17,13 @@ Which ones pay, and by how much, is measured by `fastinst-hf benchmark`.
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import hashlib
 import importlib.util
 import math
+import re
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -187,6 +189,10 @@ INT8_SCHEMES = {
     "convolutions": {"ignored_types": ("MatMul", "Einsum")},
     # NNCF's transformer model type: keeps softmax/layer-norm inputs and attention scores in float.
     "transformer": {"model_type": "transformer"},
+    # Only the ResNet backbone (most of the MACs); the pixel decoder, query proposal and decoder stay float32.
+    "backbone": {"modules": ("model.model.backbone",)},
+    # The backbone and the pixel decoder (the whole convolutional encoder).
+    "encoder": {"modules": ("model.model.backbone", "model.model.pixel_decoder")},
 }
 DEFAULT_INT8_SCHEME = "all"
 
@@ -218,7 +224,7 @@ def quantized_graph(graph: str | Path, calibration: Sequence[torch.Tensor], sche
             nncf.Dataset(arrays),
             subset_size=len(arrays),
             fast_bias_correction=True,
-            **_nncf_arguments(nncf, INT8_SCHEMES[scheme]),
+            **_nncf_arguments(nncf, INT8_SCHEMES[scheme], graph),
         )
         with tempfile.TemporaryDirectory(dir=graph.parent) as temporary:
             # compress_to_fp16=False: the weights left in float stay float32, as in the graph.
@@ -235,9 +241,11 @@ def _import_nncf():
     return nncf
 
 
-def _nncf_arguments(nncf, scheme: dict) -> dict:
-    """`nncf.quantize` keyword arguments of one `INT8_SCHEMES` entry."""
+def _nncf_arguments(nncf, scheme: dict, graph: Path) -> dict:
+    """`nncf.quantize` keyword arguments of one `INT8_SCHEMES` entry for the ONNX `graph`."""
     arguments = {}
+    if "modules" in scheme:
+        arguments["ignored_scope"] = nncf.IgnoredScope(patterns=_ops_outside(graph, scheme["modules"]), validate=False)
     if "preset" in scheme:
         arguments["preset"] = nncf.QuantizationPreset(scheme["preset"])
     if "ignored_types" in scheme:
@@ -245,6 +253,20 @@ def _nncf_arguments(nncf, scheme: dict) -> dict:
     if "model_type" in scheme:
         arguments["model_type"] = nncf.ModelType(scheme["model_type"])
     return arguments
+
+
+def _ops_outside(graph: Path, modules: tuple[str, ...]) -> list[str]:
+    """Patterns of the OpenVINO op names of every node of the ONNX `graph` that no module of `modules` (dotted paths
+    of the exported wrapper, e.g. "model.model.backbone") computes, read from the exporter's name-scope metadata.
+    OpenVINO names an op after its ONNX node, plus "/suffix" for the parts it splits off (a convolution's bias)."""
+    import onnx
+
+    patterns = []
+    for node in onnx.load(str(graph), load_external_data=False).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        if not any(scope.startswith(modules) for scope in ast.literal_eval(scopes)):
+            patterns.append(re.escape(node.name) + "(/.*)?")
+    return patterns
 
 
 class OpenVinoModel:
