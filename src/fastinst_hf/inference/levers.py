@@ -22,6 +22,7 @@ import contextlib
 import copy
 import hashlib
 import importlib.util
+import logging
 import math
 import re
 import tempfile
@@ -219,6 +220,7 @@ def quantized_graph(graph: str | Path, calibration: Sequence[torch.Tensor], sche
         digest.update(array.tobytes())
     folder = graph.parent / f"int8-{scheme}-{digest.hexdigest()[:24]}"
     if not (folder / "model.xml").is_file():
+        nncf.set_log_level(logging.WARNING)  # at INFO, NNCF logs every op an ignored scope keeps in float
         quantized = nncf.quantize(
             openvino.Core().read_model(str(graph)),
             nncf.Dataset(arrays),
