@@ -459,7 +459,10 @@ def format_table(result: dict) -> str:
         lines += _training_table(result["train_step"])
     if result.get("setup_ms"):
         setup = ", ".join(f"{name} {ms:.0f}" for name, ms in result["setup_ms"].items())
-        lines += ["", f"Setup ms (build + first call, where torch.compile compiles and onnxruntime exports): {setup}"]
+        lines += [
+            "",
+            f"Setup ms (build + first call, where torch.compile compiles, the graph runtimes export and int8 quantizes): {setup}",
+        ]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
 
