@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
+from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastinst_hf
 from fastinst_hf import FastInstForInstanceSegmentation
@@ -97,6 +98,38 @@ def test_predict_names_a_missing_graph_runtime_package_before_loading_the_model(
     )
     assert "--runtime openvino: the package openvino is not installed" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_predict_default_runtime_folds_norms_and_finds_the_eager_instances(tiny_model_dir, image_dir, tmp_path):
+    outputs = {}
+    for runtime in ("torch", "eager"):
+        out = tmp_path / runtime
+        argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
+        assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
+        outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
+    assert len(outputs["torch"]) > 0
+    assert [i["label_id"] for i in outputs["torch"]] == [i["label_id"] for i in outputs["eager"]]
+    for folded, eager in zip(outputs["torch"], outputs["eager"]):
+        assert folded["score"] == pytest.approx(eager["score"], abs=1e-5)
+        assert abs(folded["area"] - eager["area"]) <= 0.001 * eager["area"] + 2
+
+
+def test_predict_default_runtime_is_the_folded_channels_last_model(tiny_model_dir, image_dir, tmp_path, monkeypatch):
+    from fastinst_hf.cli import predict as predict_command
+
+    seen = []
+
+    def spy(model, *args, **kwargs):
+        seen.append(model)
+        return real(model, *args, **kwargs)
+
+    real = predict_command.predict_images
+    monkeypatch.setattr(predict_command, "predict_images", spy)
+    assert _predict(image_dir / "a.png", "--model", tiny_model_dir, "--output", tmp_path / "out") == 0
+    modules = list(seen[0].modules())
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in modules if m is not seen[0])
+    conv = next(m for m in modules if type(m) is torch.nn.Conv2d)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.slow  # an ONNX export: minutes on a loaded 2-core machine

@@ -1,4 +1,6 @@
-"""Inference levers: batch-norm folding, channels_last, autocast switches, onnxruntime runtime."""
+"""Inference levers: batch-norm folding, in-place ReLU, channels_last, autocast switches, onnxruntime runtime."""
+
+import copy
 
 import pytest
 import torch
@@ -16,6 +18,7 @@ from fastinst_hf.inference.levers import (
     fold_batch_norms,
     graph_key,
     prepare_for_inference,
+    relu_in_place,
     to_channels_last,
 )
 from fastinst_hf.modeling_fastinst import FastInstFrozenBatchNorm2d
@@ -62,6 +65,21 @@ def test_folded_model_gives_the_same_outputs_and_leaves_the_original_alone(backb
     torch.testing.assert_close(actual.class_queries_logits, expected.class_queries_logits, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-4, atol=1e-4)
     assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
+
+
+@pytest.mark.parametrize("backbone_config", [RESNET, RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
+def test_relu_in_place_gives_bit_identical_outputs(backbone_config):
+    folded = fold_batch_norms(tiny_model(backbone_config))
+    in_place = relu_in_place(copy.deepcopy(folded))
+    relus = [m for m in in_place.modules() if isinstance(m, torch.nn.ReLU)]
+    assert relus and all(m.inplace for m in relus)
+    pixel_values = torch.randn(2, 3, 128, 160)
+    with torch.no_grad():
+        expected, actual = folded(pixel_values), in_place(pixel_values)
+    assert torch.equal(actual.masks_queries_logits, expected.masks_queries_logits)
+    assert torch.equal(actual.class_queries_logits, expected.class_queries_logits)
+    # The copy was switched, the model it came from was not.
+    assert sum(m.inplace for m in folded.modules() if isinstance(m, torch.nn.ReLU)) < len(relus)
 
 
 def test_channels_last_gives_the_same_outputs():

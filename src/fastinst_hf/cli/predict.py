@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from ..inference.levers import OnnxRuntimeModel, OpenVinoModel, cached_graph
+from ..inference.levers import OnnxRuntimeModel, OpenVinoModel, cached_graph, prepare_for_inference
 from ..inference.loading import load_model_and_processor
 from ..inference.predict import instances_to_records, predict_images
 from ..inference.resolve import cache_root
@@ -54,10 +54,12 @@ def add_parser(commands) -> None:
     )
     parser.add_argument(
         "--runtime",
-        choices=("torch", *GRAPH_RUNTIMES),
+        choices=("torch", "eager", *GRAPH_RUNTIMES),
         default="torch",
-        help="onnxruntime / openvino (optional package): run the model's ONNX graph on the CPU; the export (about a "
-        "minute) is done once per model and kept under the cache root ($FASTINST_HF_CACHE, else ~/.cache/fastinst_hf)/onnx",
+        help="torch: PyTorch with the batch norms folded into the convolutions (and channels_last on CPU), the "
+        "fastest torch path in `fastinst-hf benchmark`; eager: the model exactly as loaded; onnxruntime / openvino "
+        "(optional package): the model's ONNX graph on the CPU, exported once per model (about a minute) under the "
+        "cache root ($FASTINST_HF_CACHE, else ~/.cache/fastinst_hf)/onnx",
     )
     parser.set_defaults(run=run)
 
@@ -79,6 +81,8 @@ def run(args: argparse.Namespace) -> int:
         if device.type != "cpu":
             raise InputError(f"--runtime {args.runtime} runs on the CPU; use --device cpu")
         model = GRAPH_RUNTIMES[args.runtime](cached_graph(model, cache_root() / "onnx"), config=model.config)
+    elif args.runtime == "torch":
+        model = prepare_for_inference(model, fold_norms=True, channels_last=device.type == "cpu")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:

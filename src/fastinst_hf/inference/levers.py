@@ -3,6 +3,7 @@
 - `fold_batch_norms`: a copy of the model whose (frozen or eval-mode) batch norms are folded into the preceding
   convolutions: one op less per conv, same outputs up to float rounding. The original model and its state dict
   are untouched (the copy is for inference only).
+- `relu_in_place`: the folded copy's ReLUs overwrite their input (a tensor made just before), bit-identical.
 - `channels_last`: NHWC memory format for the convolutions (oneDNN's preferred layout on CPU).
 - `compile`: `torch.compile` of the forward pass.
 - `autocast_context("bf16")`: bfloat16 autocast, useful only on CPUs with bf16 units (`cpu_supports_bf16`);
@@ -96,12 +97,29 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     return folded
 
 
+# Layers whose ReLU module only ever receives a tensor made just before it (a convolution's or norm's output, or a
+# residual sum), so that it may overwrite it: transformers' ResNet layers and our conv + norm layer.
+_RELU_IN_PLACE_PARENTS = ("ResNetConvLayer", "ResNetBasicLayer", "ResNetBottleNeckLayer", "FastInstConvNormLayer")
+
+
+def relu_in_place(model: nn.Module) -> nn.Module:
+    """Switch the ReLU modules of the layers in `_RELU_IN_PLACE_PARENTS` to in place (same values, one activation
+    tensor less to allocate per layer); for inference copies only, as it changes `model` itself."""
+    for parent in model.modules():
+        if type(parent).__name__ in _RELU_IN_PLACE_PARENTS:
+            for child in parent.children():
+                if type(child) is nn.ReLU:
+                    child.inplace = True
+    return model
+
+
 def prepare_for_inference(
     model: nn.Module, fold_norms: bool = True, channels_last: bool = False, compile: bool = False
 ) -> nn.Module:
-    """The model with the chosen levers applied (a folded copy when `fold_norms`; otherwise `model` itself in eval
-    mode). With `channels_last`, feed inputs made by `to_channels_last` for the full benefit."""
-    model = fold_batch_norms(model) if fold_norms else model.eval()
+    """The model with the chosen levers applied (a folded copy when `fold_norms`, whose ReLUs also run in place;
+    otherwise `model` itself in eval mode). With `channels_last`, feed inputs made by `to_channels_last` for the
+    full benefit."""
+    model = relu_in_place(fold_batch_norms(model)) if fold_norms else model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
