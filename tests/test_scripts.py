@@ -72,7 +72,7 @@ def test_check_reduced_precision_script_compares_int8_with_fp32(tmp_path, monkey
         "check_reduced_precision.py", "--shapes", "2", "--precision", "int8", "--calibration-size", "2", "--json", out
     )
     result = json.loads(out.read_text())
-    assert result["calibration_images"] == 2 and result["int8_scheme"] == "all" and "AP_int8" in result
+    assert result["calibration_images"] == 2 and result["int8_scheme"] == "backbone" and "AP_int8" in result
     assert 0.0 <= result["matched_share"] <= 1.0
 
 
