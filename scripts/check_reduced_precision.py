@@ -9,7 +9,7 @@ The acceptance rule for turning a precision on by default: AP within 0.3 points 
     python scripts/check_reduced_precision.py --model DIR --coco-json val.json --images DIR [--precision bf16]
     python scripts/check_reduced_precision.py --shapes 60       # the embedded default model on new shape images
     python scripts/check_reduced_precision.py --precision int8 --model DIR --coco-json val.json --images DIR \
-        --calibration-json train.json --calibration-images DIR [--int8-scheme all]
+        --calibration-json train.json --calibration-images DIR [--int8-scheme backbone]
 
 bf16 runs everywhere (emulated without bf16 units, slowly): the numbers are the same, only the speed differs.
 int8 is calibrated on images that are not evaluated: the first --calibration-size images of --calibration-json, or
