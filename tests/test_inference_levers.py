@@ -128,6 +128,13 @@ def test_graph_key_follows_weights_and_config():
     assert graph_key(model) != key
 
 
+def test_graph_key_hashes_zero_dimensional_buffers():
+    model = tiny_model(RESNET)
+    key = graph_key(model)
+    model.register_buffer("num_batches_tracked", torch.tensor(3))  # as nn.BatchNorm2d has
+    assert graph_key(model) != key
+
+
 @pytest.mark.slow  # an ONNX export
 def test_onnxruntime_model_exports_once_per_model_into_the_cache(tmp_path, monkeypatch):
     from fastinst_hf.inference import onnx_export

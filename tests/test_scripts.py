@@ -64,6 +64,18 @@ def test_check_reduced_precision_script_compares_bf16_with_fp32(tmp_path):
     assert result["images"] == 3 and 0.0 <= result["matched_share"] <= 1.0 and "AP_bf16" in result
 
 
+@pytest.mark.slow  # exports the embedded model and quantizes it
+def test_check_reduced_precision_script_compares_int8_with_fp32(tmp_path, monkeypatch):
+    monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))  # the graph and its int8 IR go there
+    out = tmp_path / "precision.json"
+    run_script(
+        "check_reduced_precision.py", "--shapes", "2", "--precision", "int8", "--calibration-size", "2", "--json", out
+    )
+    result = json.loads(out.read_text())
+    assert result["calibration_images"] == 2 and result["int8_scheme"] == "backbone" and "AP_int8" in result
+    assert 0.0 <= result["matched_share"] <= 1.0
+
+
 def test_check_official_parity_script_passes_on_the_shipped_fixture(tmp_path):
     table = tmp_path / "parity.json"
     run_script("check_official_parity.py", FIXTURES / "d1_r50slim_small", "--threads", "1", "--json", table)

@@ -30,6 +30,7 @@ from ..inference.levers import (
     OpenVinoModel,
     cpu_supports_bf16,
     prepare_for_inference,
+    quantized_graph,
     to_channels_last,
 )
 from ..utils.device import synchronize
@@ -40,7 +41,8 @@ from .training_step import time_training
 @dataclass
 class Runtime:
     """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or the exported ONNX
-    graph run by `graph_runtime` ("onnxruntime" or "openvino")."""
+    graph run by `graph_runtime` ("onnxruntime" or "openvino"; with precision "int8", quantized by NNCF with
+    `int8_scheme` of `INT8_SCHEMES` and calibrated on `calibration_images`)."""
 
     name: str
     fold_norms: bool = False
@@ -48,6 +50,7 @@ class Runtime:
     compile: bool = False
     precision: str = "fp32"
     graph_runtime: str | None = None
+    int8_scheme: str | None = None
 
 
 RUNTIMES = {
@@ -59,6 +62,8 @@ RUNTIMES = {
         Runtime("compile", fold_norms=True, compile=True),
         Runtime("onnxruntime", graph_runtime="onnxruntime"),
         Runtime("openvino", graph_runtime="openvino"),
+        Runtime("openvino-int8", graph_runtime="openvino", precision="int8", int8_scheme="backbone"),
+        Runtime("openvino-int8-all", graph_runtime="openvino", precision="int8", int8_scheme="all"),
         Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
         Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
         Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
@@ -86,6 +91,8 @@ def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) 
         path = workdir / "model.onnx"
         if not path.is_file():  # onnxruntime and openvino run the same graph
             export_onnx(model, path, *example.shape[-2:], dynamic=True)
+        if runtime.precision == "int8":
+            path = quantized_graph(path, calibration_images(example), runtime.int8_scheme)
         graph_model = OnnxRuntimeModel if runtime.graph_runtime == "onnxruntime" else OpenVinoModel
         return graph_model(path, num_threads=torch.get_num_threads())
     prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
@@ -96,6 +103,15 @@ def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) 
     return lambda pixel_values: prepared(to_channels_last(pixel_values))
 
 
+def calibration_images(example: torch.Tensor, count: int = 8) -> list[torch.Tensor]:
+    """The int8 calibration set of the speed benchmark: `example` `(B, 3, H, W)` and `count - 1` random normal
+    tensors of its shape (seeded). Enough to time int8, not to judge its accuracy (the check script does that on
+    real images)."""
+    generator = torch.Generator().manual_seed(0)
+    noise = [torch.randn(example.shape, generator=generator) for _ in range(count - 1)]
+    return [example.cpu(), *noise]
+
+
 def available(runtime: Runtime, device: torch.device) -> str | None:
     """Why `runtime` cannot run here, or None."""
     if runtime.name.startswith("cuda") != (device.type == "cuda"):
@@ -104,6 +120,8 @@ def available(runtime: Runtime, device: torch.device) -> str | None:
         return f"the {runtime.graph_runtime} runtime is CPU only here"
     if runtime.graph_runtime is not None and importlib.util.find_spec(runtime.graph_runtime) is None:
         return f"the package {runtime.graph_runtime} is not installed"
+    if runtime.precision == "int8" and importlib.util.find_spec("nncf") is None:
+        return "int8 needs the optional package nncf (pip install 'fastinst-hf[openvino]')"
     if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
         return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
     return None
@@ -441,7 +459,10 @@ def format_table(result: dict) -> str:
         lines += _training_table(result["train_step"])
     if result.get("setup_ms"):
         setup = ", ".join(f"{name} {ms:.0f}" for name, ms in result["setup_ms"].items())
-        lines += ["", f"Setup ms (build + first call, where torch.compile compiles and onnxruntime exports): {setup}"]
+        lines += [
+            "",
+            f"Setup ms (build + first call, where torch.compile compiles, the graph runtimes export and int8 quantizes): {setup}",
+        ]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
 

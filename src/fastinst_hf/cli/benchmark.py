@@ -46,7 +46,13 @@ def add_parser(commands) -> None:
     parser.add_argument("--model", default=None, help="time this trained model instead of random --variant weights")
     parser.add_argument("--image", default=None, help="image file (default: a bundled demo image at 480x640)")
     add_device_argument(parser)
-    parser.add_argument("--runtimes", type=_names, default=DEFAULT_RUNTIMES, help=f"any of {', '.join(RUNTIMES)}")
+    parser.add_argument(
+        "--runtimes",
+        type=_names,
+        default=DEFAULT_RUNTIMES,
+        help=f"any of {', '.join(RUNTIMES)}; the openvino-int8 ones calibrate on the benchmark image and 7 random "
+        "tensors of its size (enough to time int8; its accuracy is measured by scripts/check_reduced_precision.py)",
+    )
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (every runtime once per round)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")

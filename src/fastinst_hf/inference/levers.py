@@ -10,22 +10,33 @@
   on other CPUs it is emulated and slower.
 - `OnnxRuntimeModel`: the exported ONNX graph (`onnx_export.export_onnx`) run by onnxruntime.
 - `OpenVinoModel`: the same graph run by OpenVINO (optional package `openvino`).
+- `quantized_graph`: that graph quantized to int8 by NNCF post-training quantization (optional package `nncf`),
+  calibrated on images the caller gives, and run by `OpenVinoModel`.
 
 Which ones pay, and by how much, is measured by `fastinst-hf benchmark`.
 """
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import copy
 import hashlib
+import importlib.util
+import logging
 import math
+import re
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
+
+from ..utils.errors import InputError
+from ..utils.files import swap_in_folder
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
@@ -183,12 +194,105 @@ def graph_key(model) -> str:
     digest = hashlib.sha256(f"{torch.__version__} {__version__} {model.config.to_json_string()}".encode())
     for name, tensor in model.state_dict().items():
         digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(tensor.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-d too
     return digest.hexdigest()[:32]
 
 
+# NNCF settings tried for int8 (`quantized_graph`); the check script measures each one's accuracy.
+INT8_SCHEMES = {
+    # NNCF's defaults: symmetric int8 weights and activations wherever it can (convolutions, matmuls, einsums).
+    "all": {},
+    # Asymmetric activations (zero points), for the activations that are not centred on zero.
+    "mixed": {"preset": "mixed"},
+    # The convolutions only (backbone, pixel decoder, mask features); the transformer's matmuls stay float32.
+    "convolutions": {"ignored_types": ("MatMul", "Einsum")},
+    # NNCF's transformer model type: keeps softmax/layer-norm inputs and attention scores in float.
+    "transformer": {"model_type": "transformer"},
+    # Only the ResNet backbone (most of the MACs); the pixel decoder, query proposal and decoder stay float32.
+    "backbone": {"modules": ("model.model.backbone",)},
+    # The backbone and the pixel decoder (the whole convolutional encoder).
+    "encoder": {"modules": ("model.model.backbone", "model.model.pixel_decoder")},
+}
+# The most accurate scheme on the trained models (still short of the accuracy rule; README "Speed").
+DEFAULT_INT8_SCHEME = "backbone"
+
+
+def quantized_graph(graph: str | Path, calibration: Sequence[torch.Tensor], scheme: str = DEFAULT_INT8_SCHEME) -> Path:
+    """The OpenVINO IR (`model.xml` + `.bin`) of the ONNX `graph` quantized to int8 with `scheme` (`INT8_SCHEMES`),
+    calibrated on `calibration`: normalised `pixel_values` batches `(B, 3, H, W)` (a few dozen images is plenty).
+
+    Cached in a folder next to `graph`, keyed by the calibration data, the scheme and the NNCF and OpenVINO versions;
+    the folder is written whole under a temporary name and renamed, so a reader never sees half an IR.
+    """
+    nncf = _import_nncf()
+    import openvino
+
+    if scheme not in INT8_SCHEMES:
+        raise InputError(f"int8 scheme must be one of {', '.join(INT8_SCHEMES)}, got {scheme!r}")
+    if not calibration:
+        raise InputError("int8 quantization needs at least one calibration image")
+    graph = Path(graph)
+    arrays = [batch.detach().cpu().float().contiguous().numpy() for batch in calibration]
+    digest = hashlib.sha256(f"{scheme} {nncf.__version__} {openvino.__version__}".encode())
+    for array in arrays:
+        digest.update(f"{array.shape}".encode())
+        digest.update(array.tobytes())
+    folder = graph.parent / f"int8-{scheme}-{digest.hexdigest()[:24]}"
+    if not (folder / "model.xml").is_file():
+        nncf.set_log_level(logging.WARNING)  # at INFO, NNCF logs every op an ignored scope keeps in float
+        quantized = nncf.quantize(
+            openvino.Core().read_model(str(graph)),
+            nncf.Dataset(arrays),
+            subset_size=len(arrays),
+            fast_bias_correction=True,
+            **_nncf_arguments(nncf, INT8_SCHEMES[scheme], graph),
+        )
+        with tempfile.TemporaryDirectory(dir=graph.parent) as temporary:
+            # compress_to_fp16=False: the weights left in float stay float32, as in the graph.
+            openvino.save_model(quantized, f"{temporary}/ir/model.xml", compress_to_fp16=False)
+            swap_in_folder(Path(temporary) / "ir", folder)
+    return folder / "model.xml"
+
+
+def _import_nncf():
+    if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
+        raise InputError("int8 needs the optional packages nncf and openvino: pip install 'fastinst-hf[openvino]'")
+    import nncf
+
+    return nncf
+
+
+def _nncf_arguments(nncf, scheme: dict, graph: Path) -> dict:
+    """`nncf.quantize` keyword arguments of one `INT8_SCHEMES` entry for the ONNX `graph`."""
+    arguments = {}
+    if "modules" in scheme:
+        arguments["ignored_scope"] = nncf.IgnoredScope(patterns=_ops_outside(graph, scheme["modules"]), validate=False)
+    if "preset" in scheme:
+        arguments["preset"] = nncf.QuantizationPreset(scheme["preset"])
+    if "ignored_types" in scheme:
+        arguments["ignored_scope"] = nncf.IgnoredScope(types=list(scheme["ignored_types"]), validate=False)
+    if "model_type" in scheme:
+        arguments["model_type"] = nncf.ModelType(scheme["model_type"])
+    return arguments
+
+
+def _ops_outside(graph: Path, modules: tuple[str, ...]) -> list[str]:
+    """Patterns of the OpenVINO op names of every node of the ONNX `graph` that no module of `modules` (dotted paths
+    of the exported wrapper, e.g. "model.model.backbone") computes, read from the exporter's name-scope metadata.
+    OpenVINO names an op after its ONNX node, plus "/suffix" for the parts it splits off (a convolution's bias)."""
+    import onnx
+
+    patterns = []
+    for node in onnx.load(str(graph), load_external_data=False).graph.node:
+        scopes = next((p.value for p in node.metadata_props if p.key == "pkg.torch.onnx.name_scopes"), "[]")
+        if not any(scope.startswith(modules) for scope in ast.literal_eval(scopes)):
+            patterns.append(re.escape(node.name) + "(/.*)?")
+    return patterns
+
+
 class OpenVinoModel:
-    """The exported ONNX graph compiled by OpenVINO for the CPU in float32, called like `OnnxRuntimeModel`."""
+    """The exported ONNX graph (or an OpenVINO IR made by `quantized_graph`) compiled by OpenVINO for the CPU,
+    called like `OnnxRuntimeModel`. Float ops run in float32; the int8 ops of a quantized IR in int8."""
 
     def __init__(self, path, num_threads: int | None = None, config=None):
         import openvino
