@@ -95,3 +95,20 @@ def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, 
     ours = step["fastinst_hf"]
     assert len(ours["runs_ms"]) == len(ours["cpu"]["runs_ms"]) == 2 and ours["median_ms"] > 0
     assert ours["peak_rss_mib"] >= ours["peak_rss_before_steps_mib"] > 0
+
+
+def test_peer_timing_keeps_the_thread_count_a_peer_changes():
+    from fastinst_hf.benchmarks import runtimes as benchmark
+
+    threads = torch.get_num_threads()
+    seen = []
+
+    def peer_call():  # as ultralytics' first CPU predict: sets its own thread count
+        seen.append(torch.get_num_threads())
+        torch.set_num_threads(threads + 1)
+
+    try:
+        benchmark._time_calls(peer_call, warmup=1, runs=2)
+        assert seen == [threads, threads, threads]
+    finally:
+        torch.set_num_threads(threads)

@@ -291,11 +291,15 @@ def time_rfdetr(peer: str, image: np.ndarray, warmup: int, runs: int) -> dict:
 
 
 def _time_calls(call: Callable, warmup: int, runs: int) -> dict:
-    """`summarise` of the ms of `runs` calls after `warmup` untimed ones."""
+    """`summarise` of the ms of `runs` calls after `warmup` untimed ones, each at this process's torch thread count
+    (ultralytics sets its own, cores - 1, on its first CPU `predict`)."""
+    threads = torch.get_num_threads()
     for _ in range(warmup):
         call()
+        torch.set_num_threads(threads)
     times = []
     for _ in range(runs):
+        torch.set_num_threads(threads)
         start = time.perf_counter()
         call()
         times.append((time.perf_counter() - start) * 1000)
@@ -356,6 +360,7 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
         elif peer in RFDETR_PEERS:
             result[peer] = time_rfdetr(peer, image, options.warmup, options.runs)
     if options.train_step:
+        torch.set_num_threads(result["threads"])  # as the peers may have changed it
         result["train_step"] = time_training(config, image, options)
     if not options.official_root:
         result["skipped"]["official"] = "no --official-root (an environment of shared/tools/official_parity/)"
