@@ -29,6 +29,7 @@ from ..inference.levers import (
     OnnxRuntimeModel,
     OpenVinoModel,
     cpu_supports_bf16,
+    int8_unavailable,
     prepare_for_inference,
     quantized_graph,
     to_channels_last,
@@ -120,8 +121,8 @@ def available(runtime: Runtime, device: torch.device) -> str | None:
         return f"the {runtime.graph_runtime} runtime is CPU only here"
     if runtime.graph_runtime is not None and importlib.util.find_spec(runtime.graph_runtime) is None:
         return f"the package {runtime.graph_runtime} is not installed"
-    if runtime.precision == "int8" and importlib.util.find_spec("nncf") is None:
-        return "int8 needs the optional package nncf (pip install 'fastinst-hf[openvino]')"
+    if runtime.precision == "int8" and (reason := int8_unavailable()):
+        return reason
     if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
         return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
     return None
@@ -294,15 +295,13 @@ def _time_calls(call: Callable, warmup: int, runs: int) -> dict:
     """`summarise` of the ms of `runs` calls after `warmup` untimed ones, each at this process's torch thread count
     (ultralytics sets its own, cores - 1, on its first CPU `predict`)."""
     threads = torch.get_num_threads()
-    for _ in range(warmup):
-        call()
-        torch.set_num_threads(threads)
     times = []
-    for _ in range(runs):
+    for index in range(warmup + runs):
         torch.set_num_threads(threads)
         start = time.perf_counter()
         call()
-        times.append((time.perf_counter() - start) * 1000)
+        if index >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
     return summarise(times)
 
 

@@ -254,9 +254,17 @@ def quantized_graph(graph: str | Path, calibration: Sequence[torch.Tensor], sche
     return folder / "model.xml"
 
 
-def _import_nncf():
+def int8_unavailable() -> str | None:
+    """Why int8 (`quantized_graph`) cannot run here, or None."""
     if importlib.util.find_spec("nncf") is None or importlib.util.find_spec("openvino") is None:
-        raise InputError("int8 needs the optional packages nncf and openvino: pip install 'fastinst-hf[openvino]'")
+        return "int8 needs the optional packages nncf and openvino: pip install 'fastinst-hf[openvino]'"
+    return None
+
+
+def _import_nncf():
+    reason = int8_unavailable()
+    if reason:
+        raise InputError(reason)
     import nncf
 
     return nncf
