@@ -132,20 +132,130 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
 # ---------------------------------------------------------------------------------------------------------------------
 # 1. Backbone
 # ---------------------------------------------------------------------------------------------------------------------
-class FastInstFrozenBatchNorm2d(FrozenBatchNorm2d):
+def folded_conv_weights(conv: nn.Conv2d, norm: nn.Module) -> tuple[Tensor, Tensor]:
+    """Weight and bias of the one convolution computing `norm(conv(x))` for a batch norm using its running
+    statistics; computed in float64 (no rounding of our own) and returned in the convolution's dtype."""
+    scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
+    bias = norm.bias.double() - norm.running_mean.double() * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias.detach().double() * scale
+    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
+    return weight.to(conv.weight.dtype), bias.to(conv.weight.dtype)
+
+
+class FastInstFoldingConv2d(nn.Conv2d):
+    """`nn.Conv2d` whose output goes straight into a batch norm, `self.folded_norm` (a plain reference, not a
+    submodule: the norm stays where the checkpoint keys put it).
+
+    In eval mode, when no gradient is wanted for the weights, it runs one convolution with the norm folded in and
+    the norm passes its input through (same outputs up to float rounding, one op less); on CPU the folded weight is
+    channels_last, so the convolutions from there on run in oneDNN's faster NHWC layout. The folded weights are
+    cached and recomputed whenever a tensor they come from changes: another tensor (`load_state_dict` of other
+    tensors, `.to()`), another dtype or device, or an in-place edit (the tensors' version counters). `train()`
+    turns folding off. Under `torch.compile` and `torch.export` the layers run unfolded (the compilers fuse them).
+    """
+
+    folded_norm = None
+    fold_enabled = True  # `FastInstPreTrainedModel.set_batch_norm_folding`
+    _fold_cache = None
+
+    def folds(self) -> bool:
+        norm = self.folded_norm
+        if norm is None or not self.fold_enabled or self.training or norm.training:
+            return False
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return False
+        tensors = (self.weight, self.bias, norm.weight, norm.bias)
+        return not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors))
+
+    def _fold_key(self) -> tuple | None:
+        norm = self.folded_norm
+        tensors = (self.weight, self.bias, norm.weight, norm.bias, norm.running_mean, norm.running_var)
+        if any(t is not None and t.is_inference() for t in tensors):
+            return None  # inference tensors have no version counter: fold on every call
+        described = [(t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors if t is not None]
+        return (*described, norm.eps)
+
+    def folded_weights(self) -> tuple[Tensor, Tensor]:
+        key = self._fold_key()
+        if key is None or self._fold_cache is None or self._fold_cache[0] != key:
+            with torch.inference_mode(False), torch.no_grad():
+                weight, bias = folded_conv_weights(self, self.folded_norm)
+                if weight.device.type == "cpu":
+                    # oneDNN's preferred layout: the output, and so every later convolution, runs NHWC
+                    weight = weight.contiguous(memory_format=torch.channels_last)
+                weights = weight, bias
+            if key is None:
+                return weights
+            self._fold_cache = (key, *weights)
+        return self._fold_cache[1], self._fold_cache[2]
+
+    def train(self, mode: bool = True):
+        self._fold_cache = None
+        return super().train(mode)
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        if not self.folds():
+            return super().forward(hidden_state)
+        weight, bias = self.folded_weights()
+        return self._conv_forward(hidden_state, weight, bias)
+
+
+class FastInstFoldedNormMixin:
+    """A batch norm that its preceding `FastInstFoldingConv2d` (`self.folding_conv`) may fold: it is then the
+    identity."""
+
+    folding_conv = None
+
+    def is_folded(self) -> bool:
+        return self.folding_conv is not None and self.folding_conv.folds()
+
+
+class FastInstBatchNorm2d(FastInstFoldedNormMixin, nn.BatchNorm2d):
+    """`nn.BatchNorm2d` (same parameters and buffers) that its convolution may fold in eval mode."""
+
+    def forward(self, hidden_state: Tensor) -> Tensor:
+        return hidden_state if self.is_folded() else super().forward(hidden_state)
+
+
+class FastInstFrozenBatchNorm2d(FastInstFoldedNormMixin, FrozenBatchNorm2d):
     """Batch norm with fixed statistics and affine parameters (buffers, never trained).
 
     Computed as detectron2's FrozenBN, so converted checkpoints reproduce the official features to the last bits:
     `F.batch_norm` in inference mode when no gradient flows, and `x * scale + shift` when one does (the backward of
-    `F.batch_norm` would also compute gradients for the frozen affine parameters).
+    `F.batch_norm` would also compute gradients for the frozen affine parameters). In eval mode its convolution
+    folds it (see `FastInstFoldingConv2d`).
     """
 
     def forward(self, hidden_state: Tensor) -> Tensor:
+        if self.is_folded():
+            return hidden_state
         if hidden_state.requires_grad:
             return super().forward(hidden_state)
         return F.batch_norm(
             hidden_state, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
         )
+
+
+def link_conv_norm_pairs(module: nn.Module) -> nn.Module:
+    """Make every `nn.Conv2d` below `module` that is directly followed by a batch norm with running statistics
+    (the next child of the same parent, which is also the forward order in transformers' ResNet and our
+    ResNet-vd) a `FastInstFoldingConv2d` folding that norm in eval mode. Parameters, buffers and keys are kept
+    (the classes are swapped in place); deformable convolutions keep their norm."""
+    for parent in module.modules():
+        children = list(parent.children())
+        for conv, norm in zip(children, children[1:]):
+            if type(conv) is not nn.Conv2d or not isinstance(norm, (nn.BatchNorm2d, FrozenBatchNorm2d)):
+                continue
+            if norm.weight is None or norm.running_mean is None or norm.weight.shape[0] != conv.out_channels:
+                continue
+            conv.__class__ = FastInstFoldingConv2d
+            if type(norm) is nn.BatchNorm2d:
+                norm.__class__ = FastInstBatchNorm2d
+            # plain attributes (object.__setattr__): neither module becomes a submodule of the other
+            object.__setattr__(conv, "folded_norm", norm)
+            object.__setattr__(norm, "folding_conv", conv)
+    return module
 
 
 def freeze_batch_norm(module: nn.Module) -> nn.Module:
@@ -176,7 +286,7 @@ def build_backbone(config: FastInstConfig) -> nn.Module:
         backbone = load_backbone(config)
     if config.freeze_backbone_batch_norm:
         freeze_batch_norm(backbone)
-    return backbone
+    return link_conv_norm_pairs(backbone)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -591,6 +701,15 @@ class FastInstPreTrainedModel(PreTrainedModel):
             },
         }
         return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def set_batch_norm_folding(self, enabled: bool = True):
+        """Whether eval mode runs the backbone's conv + batch-norm pairs as one folded convolution (the default, see
+        `FastInstFoldingConv2d`; as accurate against a float64 reference) or op for op as the official model does,
+        which reproduces its float32 rounding (the official-parity tests). Returns the model."""
+        for module in self.modules():
+            if isinstance(module, FastInstFoldingConv2d):
+                module.fold_enabled = enabled
+        return self
 
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False):
         # For code outside transformers, the parent skips every module whose own parameters are all loaded, which

@@ -35,24 +35,16 @@ import torch
 from torch import nn
 from torchvision.ops.misc import FrozenBatchNorm2d
 
+from ..modeling_fastinst import FastInstFoldingConv2d, folded_conv_weights
 from ..utils.errors import InputError
 from ..utils.files import swap_in_folder
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 
 
-def _batch_norm_scale_and_shift(norm: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """`norm(x) == x * scale + shift` per channel (float64, to add no rounding of our own)."""
-    scale = norm.weight.double() * (norm.running_var.double() + norm.eps).rsqrt()
-    shift = norm.bias.double() - norm.running_mean.double() * scale
-    return scale, shift
-
-
 def _fold_into_conv(conv: nn.Conv2d, norm: nn.Module) -> nn.Conv2d:
-    """A new `nn.Conv2d` (with bias) computing `norm(conv(x))`."""
-    scale, shift = _batch_norm_scale_and_shift(norm)
-    weight = conv.weight.detach().double() * scale.view(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else shift + conv.bias.detach().double() * scale
+    """A new `nn.Conv2d` (with bias) computing `norm(conv(x))` (the model's own folding math)."""
+    weight, bias = folded_conv_weights(conv, norm)
     folded = nn.Conv2d(
         conv.in_channels,
         conv.out_channels,
@@ -91,7 +83,11 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
     for parent in folded.modules():
         children = list(parent.named_children())
         for (conv_name, conv), (norm_name, norm) in zip(children, children[1:]):
-            if type(conv) is nn.Conv2d and _is_foldable_norm(norm) and norm.weight.shape[0] == conv.out_channels:
+            if (
+                type(conv) in (nn.Conv2d, FastInstFoldingConv2d)
+                and _is_foldable_norm(norm)
+                and norm.weight.shape[0] == conv.out_channels
+            ):
                 setattr(parent, conv_name, _fold_into_conv(conv, norm))
                 setattr(parent, norm_name, nn.Identity())
     return folded
