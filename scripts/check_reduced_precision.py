@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """Accuracy of a reduced-precision forward pass against float32 PyTorch, on a trained model and COCO data: bf16 autocast,
-or int8 (the exported graph quantized by NNCF and run by OpenVINO; optional packages nncf and openvino).
+bfloat16 weights with a split of the model kept in float32 (`fastinst_hf.inference.precision.FP32_SPLITS`), or int8 (the exported graph quantized by NNCF and run by OpenVINO; optional packages nncf and openvino).
 
 Runs both precisions on every image, then reports the COCO mask AP of each and the share of float32 instances
 (score >= --match-threshold) that the reduced-precision run also finds: same label, mask IoU >= --iou.
@@ -8,6 +8,7 @@ The acceptance rule for turning a precision on by default: AP within 0.3 points 
 
     python scripts/check_reduced_precision.py --model DIR --coco-json val.json --images DIR [--precision bf16]
     python scripts/check_reduced_precision.py --shapes 60       # the embedded default model on new shape images
+    python scripts/check_reduced_precision.py --shapes 60 --precision bf16-weights --split all-but-backbone
     python scripts/check_reduced_precision.py --precision int8 --model DIR --coco-json val.json --images DIR \
         --calibration-json train.json --calibration-images DIR [--int8-scheme backbone]
 
@@ -20,6 +21,7 @@ cache (`$FASTINST_HF_CACHE`, default ~/.cache/fastinst_hf) in onnx/.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import tempfile
@@ -39,6 +41,7 @@ from fastinst_hf.inference.levers import (
     quantized_graph,
 )
 from fastinst_hf.inference.loading import load_model_and_processor
+from fastinst_hf.inference.precision import DEFAULT_SPLIT, FP32_SPLITS, apply_split
 from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, cache_root
 
 
@@ -65,10 +68,13 @@ def calibration_batches(coco_json, images, processor, count: int) -> list[torch.
     return [batch["pixel_values"] for batch, _ in zip(loader, range(count))]
 
 
-def reduced_model(model, precision: str, calibration: list[torch.Tensor], scheme: str):
-    """`model` in `precision`: bf16 autocast, or its cached ONNX graph quantized to int8 and run by OpenVINO."""
+def reduced_model(model, precision: str, calibration: list[torch.Tensor], scheme: str, split: str = DEFAULT_SPLIT):
+    """`model` in `precision`: bf16 autocast, bfloat16 weights with `split` kept in float32 (a copy, as
+    `from_pretrained(dtype=torch.bfloat16)` loads it), or its cached ONNX graph quantized to int8 run by OpenVINO."""
     if precision == "bf16":
         return AutocastModel(model, precision)
+    if precision == "bf16-weights":
+        return apply_split(copy.deepcopy(model), torch.bfloat16, split)
     graph = cached_graph(model, cache_root() / "onnx")
     return OpenVinoModel(quantized_graph(graph, calibration, scheme), config=model.config)
 
@@ -115,7 +121,10 @@ def main(argv=None) -> int:
     parser.add_argument("--coco-json", help="COCO instances file of the evaluation images")
     parser.add_argument("--images", help="folder of the evaluation images")
     parser.add_argument("--shapes", type=int, default=0, help="instead: this many new synthetic shape images")
-    parser.add_argument("--precision", default="bf16", choices=("bf16", "int8"))
+    parser.add_argument("--precision", default="bf16", choices=("bf16", "bf16-weights", "int8"))
+    parser.add_argument(
+        "--split", default=DEFAULT_SPLIT, choices=sorted(FP32_SPLITS), help="bf16-weights: the parts kept in float32"
+    )
     parser.add_argument("--calibration-json", help="int8: COCO file of the calibration images (not the evaluated ones)")
     parser.add_argument("--calibration-images", help="int8: folder of the calibration images")
     parser.add_argument("--calibration-size", type=int, default=32, help="int8: calibrate on this many images")
@@ -140,10 +149,12 @@ def main(argv=None) -> int:
         calibration = []
         if args.precision == "int8":
             calibration = calibration_batches(calibration_json, calibration_images, processor, args.calibration_size)
-        reduced = reduced_model(model, args.precision, calibration, args.int8_scheme)
+        reduced = reduced_model(model, args.precision, calibration, args.int8_scheme, args.split)
         result = compare(model, reduced, processor, coco_json, images, args.precision, args.match_threshold, args.iou)
     if args.precision == "int8":
         result.update(int8_scheme=args.int8_scheme, calibration_images=len(calibration))
+    if args.precision == "bf16-weights":
+        result["split"] = args.split
     result["model"] = args.model
     print(json.dumps(result, indent=1))
     if args.json:

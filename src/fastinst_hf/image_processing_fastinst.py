@@ -962,7 +962,8 @@ class FastInstImageProcessingMixin:
             `list[dict]`, one per image, sorted by descending `scores`, with `scores` `(N,)`, `class_scores` `(N,)`,
             `labels` `(N,)` long, `query_indices` `(N,)` long and `masks` `(N, H, W)` bool at the target size.
         """
-        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        # in float32 whatever the model's dtype (thresholds on probabilities, mask areas)
+        class_logits, mask_logits = outputs.class_queries_logits.float(), outputs.masks_queries_logits.float()
         check_logits(class_logits, mask_logits)
         num_detections = self.num_detections if num_detections is None else num_detections
         results = []
@@ -1034,7 +1035,8 @@ class FastInstImageProcessingMixin:
         """
         if return_coco_annotation and return_binary_maps:
             raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
-        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        # in float32 whatever the model's dtype (thresholds on probabilities, mask areas)
+        class_logits, mask_logits = outputs.class_queries_logits.float(), outputs.masks_queries_logits.float()
         check_logits(class_logits, mask_logits)
         num_detections = self.num_detections if num_detections is None else num_detections
         return [

@@ -237,6 +237,21 @@ class FastInstFrozenBatchNorm2d(FastInstFoldedNormMixin, FrozenBatchNorm2d):
         )
 
 
+def inputs_in_own_dtype(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    """Forward pre-hook: floating-point tensors (also inside tuples and lists) cast to the dtype of `module`'s first
+    parameter, so that parts kept in float32 (`_keep_in_fp32_modules_strict`) and parts in bfloat16 / float16 meet."""
+    dtype = next(module.parameters()).dtype
+
+    def cast(value):
+        if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != dtype:
+            return value.to(dtype)
+        if isinstance(value, (tuple, list)):
+            return type(value)(cast(item) for item in value)
+        return value
+
+    return cast(args), {key: cast(value) for key, value in kwargs.items()}
+
+
 def link_conv_norm_pairs(module: nn.Module) -> nn.Module:
     """Make every `nn.Conv2d` below `module` that is directly followed by a batch norm with running statistics
     (the next child of the same parent, which is also the forward order in transformers' ResNet and our
@@ -675,6 +690,15 @@ class FastInstPreTrainedModel(PreTrainedModel):
     input_modalities = ("image",)
     supports_gradient_checkpointing = True
     _no_split_modules = ["FastInstDualPathDecoderLayer"]
+    # `from_pretrained(dtype=torch.bfloat16 / float16)` keeps these in float32: only the backbone runs in reduced
+    # precision (the mask path thresholds logits at 0 for the attention masks; README "Speed" has the splits tried).
+    _keep_in_fp32_modules_strict = [
+        "pixel_decoder",
+        "query_proposal",
+        "decoder.layers",
+        "decoder.prediction_heads",
+        "position_embedding",
+    ]
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -808,6 +832,10 @@ class FastInstModel(FastInstPreTrainedModel):
         self.position_embedding = nn.Parameter(torch.empty(1, config.hidden_dim, size, size))
         self.query_proposal = FastInstQueryProposal(config)
         self.decoder = FastInstDecoder(config)
+        # Reduced precision: each part takes its inputs in its own dtype (see `_keep_in_fp32_modules_strict`).
+        parts = (self.backbone, self.pixel_decoder, self.query_proposal, *self.decoder.layers)
+        for part in (*parts, *self.decoder.prediction_heads):
+            part.register_forward_pre_hook(inputs_in_own_dtype, with_kwargs=True)
         self.post_init()
 
     def forward(

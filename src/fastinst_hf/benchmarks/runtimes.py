@@ -12,9 +12,12 @@ alike; medians and min-max spreads are reported, with ratios to the first runtim
 from __future__ import annotations
 
 import contextlib
+import copy
 import importlib.util
+import json
 import platform
 import statistics
+import subprocess
 import tempfile
 import time
 from collections.abc import Callable
@@ -34,8 +37,17 @@ from ..inference.levers import (
     quantized_graph,
     to_channels_last,
 )
+from ..inference.precision import DEFAULT_SPLIT, apply_split
 from ..utils.device import synchronize
-from .timing import StepWorker, normalise_and_pad, official_process, summarise
+from ..utils.flops import count_flops, paper_gflops
+from .timing import (
+    StepWorker,
+    isolated_environment,
+    normalise_and_pad,
+    official_process,
+    summarise,
+    threads_are_passive,
+)
 from .training_step import time_training
 
 
@@ -46,18 +58,21 @@ class Runtime:
     `int8_scheme` of `INT8_SCHEMES` and calibrated on `calibration_images`)."""
 
     name: str
+    model_folds: bool = True  # the model's own eval-mode batch-norm folding (False: op for op, as the official)
     fold_norms: bool = False
     channels_last: bool = False
     compile: bool = False
     precision: str = "fp32"
     graph_runtime: str | None = None
     int8_scheme: str | None = None
+    weights_split: str | None = None  # bfloat16 weights with this `FP32_SPLITS` split kept in float32
 
 
 RUNTIMES = {
     runtime.name: runtime
     for runtime in (
         Runtime("eager"),
+        Runtime("unfolded", model_folds=False),
         Runtime("folded", fold_norms=True),
         Runtime("folded+channels_last", fold_norms=True, channels_last=True),
         Runtime("compile", fold_norms=True, compile=True),
@@ -66,11 +81,13 @@ RUNTIMES = {
         Runtime("openvino-int8", graph_runtime="openvino", precision="int8", int8_scheme="backbone"),
         Runtime("openvino-int8-all", graph_runtime="openvino", precision="int8", int8_scheme="all"),
         Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
+        # what `from_pretrained(..., dtype=torch.bfloat16)` loads (`_keep_in_fp32_modules_strict`)
+        Runtime("bf16-weights", precision="bf16", weights_split=DEFAULT_SPLIT),
         Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
         Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
     )
 }
-DEFAULT_RUNTIMES = ("eager", "folded", "folded+channels_last", "onnxruntime", "bf16+channels_last")
+DEFAULT_RUNTIMES = ("eager", "unfolded", "folded+channels_last", "onnxruntime", "bf16+channels_last", "bf16-weights")
 
 # RF-DETR-Seg sizes (class in `rfdetr`); COCO mask AP per its docs: nano 40.3 at 312 px, small 43.1 at 384 px, the
 # closest to FastInst-D1's 34.9.
@@ -94,14 +111,32 @@ def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) 
             export_onnx(model, path, *example.shape[-2:], dynamic=True)
         if runtime.precision == "int8":
             path = quantized_graph(path, calibration_images(example), runtime.int8_scheme)
-        graph_model = OnnxRuntimeModel if runtime.graph_runtime == "onnxruntime" else OpenVinoModel
-        return graph_model(path, num_threads=torch.get_num_threads())
+        if runtime.graph_runtime == "onnxruntime":
+            return OnnxRuntimeModel(path, num_threads=torch.get_num_threads(), spinning=False)
+        return OpenVinoModel(path, num_threads=torch.get_num_threads())
+    if not runtime.model_folds:
+        return _op_for_op(model)
+    if runtime.weights_split is not None:
+        return apply_split(copy.deepcopy(model), torch.bfloat16, runtime.weights_split)
     prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
     if runtime.precision != "fp32":
         prepared = AutocastModel(prepared, runtime.precision)
     if not runtime.channels_last:
         return prepared
     return lambda pixel_values: prepared(to_channels_last(pixel_values))
+
+
+def _op_for_op(model) -> Callable:
+    """`model` run with its batch-norm folding off (`set_batch_norm_folding(False)`) for the call only."""
+
+    def run(pixel_values):
+        model.set_batch_norm_folding(False)
+        try:
+            return model(pixel_values)
+        finally:
+            model.set_batch_norm_folding(True)
+
+    return run
 
 
 def calibration_images(example: torch.Tensor, count: int = 8) -> list[torch.Tensor]:
@@ -217,16 +252,25 @@ with torch.no_grad():
 """
 
 
+# The CPU features that decide which kernels oneDNN runs (fp32 AVX2 / AVX-512, bf16 AVX-512 or AMX tiles).
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+
+
+def _cpuinfo() -> list[str]:
+    with contextlib.suppress(OSError), open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
+        return cpuinfo.read().splitlines()
+    return []
+
+
+def cpu_flags() -> list[str]:
+    """Which of `CPU_FLAGS` this CPU has (from /proc/cpuinfo; empty where it cannot be read)."""
+    flags = next((line.split(":", 1)[1].split() for line in _cpuinfo() if line.startswith("flags")), [])
+    return [flag for flag in CPU_FLAGS if flag in flags]
+
+
 def cpu_description() -> str:
-    model = platform.processor() or "unknown CPU"
-    with contextlib.suppress(OSError):
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            lines = cpuinfo.read().splitlines()
-        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-        flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
-        wanted = ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
-        model = f"{names[0] if names else model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'})"
-    return model
+    names = [line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def as_numpy_image(image) -> np.ndarray:
@@ -330,6 +374,8 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
     case = make_case(config, image, 1, processor, device)
     result = {
         "cpu": cpu_description(),
+        "cpu_flags": cpu_flags(),
+        "passive_threads": threads_are_passive(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
         "torch": torch.__version__,
@@ -345,6 +391,8 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
     peers = [peer for peer in options.peers if _missing_peer(peer, result) is None]
     with tempfile.TemporaryDirectory() as workdir, torch.inference_mode():
         runners, result["setup_ms"] = _build_runners(names, model, case, Path(workdir))
+        result["flops"] = count_flops(model, {"pixel_values": case.pixel_values})
+        result["matmul_peak_gflops"] = matmul_peak_gflops(device)
         result.update(_time_runtimes(runners, case, options))
         chosen = {name: runners[name] for name in options.throughput_runtimes if name in runners}
         result["throughput"] = {
@@ -364,6 +412,30 @@ def run_benchmark(model, processor, image: np.ndarray, device: torch.device, opt
     if not options.official_root:
         result["skipped"]["official"] = "no --official-root (an environment of shared/tools/official_parity/)"
     return result
+
+
+# The paper's GFLOPs (fvcore: a multiply-add = 1) of the variants it reports, Table 1 of He et al. (CVPR 2023).
+PAPER_GFLOPS = {"fastinst-d1-r50": 49.6}
+
+
+def matmul_peak_gflops(device: torch.device, size: int = 2048, runs: int = 5) -> dict[str, float]:
+    """The best GFLOP/s of a `size`^2 matrix product in float32 and bfloat16 on `device` (this machine's ceiling for
+    dense math; bf16 only where it has bf16 units, since emulated bf16 says nothing about a limit)."""
+    dtypes = {"fp32": torch.float32}
+    if device.type == "cuda" or cpu_supports_bf16():
+        dtypes["bf16"] = torch.bfloat16
+    peaks = {}
+    for name, dtype in dtypes.items():
+        a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+        best = float("inf")
+        for _ in range(runs + 1):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            best = min(best, time.perf_counter() - start)
+        peaks[name] = 2 * size**3 / best / 1e9
+    return peaks
 
 
 def _build_runners(names: list[str], model, case: Case, workdir: Path) -> tuple[dict[str, Callable], dict]:
@@ -388,9 +460,32 @@ def _time_runtimes(runners: dict[str, Callable], case: Case, options: BenchmarkO
     official = StepWorker(command, options.official_tools, environment)
     try:
         timed = time_interleaved(runners, case, options.warmup, options.runs, official)
+        # the same worker again, with nothing interleaved (this process waits)
+        alone = [official.measure() for _ in range(options.runs)]
     finally:
         official.close()
-    return {"runtimes": timed, "official": timed.pop("official"), "official_model_input": official.info}
+    return {
+        "runtimes": timed,
+        "official": timed.pop("official"),
+        "official_worker_alone": {stage: summarise([times[stage] for times in alone]) for stage in ("network", "full")},
+        "official_script_alone": official_script_alone(options),
+        "official_model_input": official.info,
+    }
+
+
+def official_script_alone(options) -> dict:
+    """The official timing script (`bench_official.py KEY`) run on its own, after ours: its network and full ms."""
+    command, environment = official_process(options.official_root, "", options.official_key)
+    with tempfile.TemporaryDirectory() as folder:
+        output = Path(folder) / "official.json"
+        script = [command[0], "-W", "ignore", "bench_official.py", "--json", str(output)]
+        script += ["--runs", str(options.runs), "--warmup", str(max(options.warmup, 1))]
+        script += ["--threads", str(torch.get_num_threads()), options.official_key]
+        subprocess.run(
+            script, cwd=options.official_tools, env=isolated_environment(environment), check=True, capture_output=True
+        )
+        measured = json.loads(output.read_text())["results"][options.official_key]
+    return {stage: measured[stage] for stage in ("network", "full")}
 
 
 def _throughput(runners: dict[str, Callable], batch: Case, options: BenchmarkOptions) -> dict[str, float]:
@@ -436,22 +531,38 @@ def format_table(result: dict) -> str:
     rows = []
     if "official" in result:
         rows.append(("official code (detectron2)", result["official"]["network"], None, result["official"]["full"]))
+    for key, label in (("official_worker_alone", "its worker alone"), ("official_script_alone", "bench_official.py")):
+        if key in result:
+            rows.append((f"official, {label}", result[key]["network"], None, result[key]["full"]))
     for name, stages in result.get("runtimes", {}).items():
         rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"]))
     for peer in PEER_PACKAGES:
         if peer in result:
             rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"]))
     lines = [
-        f"CPU: {result['cpu']}, {result['threads']} threads, torch {result['torch']}; image {result['image_hw']} -> "
+        f"CPU: {result['cpu']}; CPU flags: {', '.join(result.get('cpu_flags', [])) or 'none of ' + ', '.join(CPU_FLAGS)}; "
+        f"idle thread pools passive: {'yes' if result.get('passive_threads') else 'no'}",
+        f"{result['threads']} threads, torch {result['torch']}; image {result['image_hw']} -> "
         f"model input {result['model_input_hw']} (padded {result['padded_hw']}); median (min-max) of "
         f"{result['runs']} interleaved runs",
         "",
-        "| runtime | network ms | postprocess ms | full ms | full / official |",
-        "|---|---|---|---|---|",
+        "| runtime | network ms | postprocess ms | full ms | full / official | network GFLOP/s |",
+        "|---|---|---|---|---|---|",
     ]
     for label, network, post, full in rows:
         ratio = f"{full['median_ms'] / reference:.2f}" if reference else "-"
-        lines.append(f"| {label} | {_cell(network)} | {_cell(post)} | {_cell(full)} | {ratio} |")
+        rate = f"{result['flops'] / network['median_ms'] / 1e6:.0f}" if network and "flops" in result else "-"
+        lines.append(f"| {label} | {_cell(network)} | {_cell(post)} | {_cell(full)} | {ratio} | {rate} |")
+    if "flops" in result:
+        paper = PAPER_GFLOPS.get(result.get("variant", ""))
+        peaks = ", ".join(f"{name} {value:.0f}" for name, value in result["matmul_peak_gflops"].items())
+        lines += [
+            "",
+            f"Network FLOPs at this input: {result['flops'] / 1e9:.1f} GFLOP (torch's counter, multiply-add = 2), "
+            f"{paper_gflops(result['flops']):.1f} GFLOPs in the paper's unit (paper: "
+            f"{f'{paper} at its COCO input sizes' if paper else 'not given for this variant'}); "
+            f"matmul peak GFLOP/s (2048^2, best of 5): {peaks}",
+        ]
     if result.get("throughput"):
         lines += ["", "| images/s (full) | " + " | ".join(f"batch {b}" for b in result["throughput"]) + " |"]
         lines.append("|---|" + "---|" * len(result["throughput"]))
@@ -467,6 +578,11 @@ def format_table(result: dict) -> str:
             "",
             f"Setup ms (build + first call, where torch.compile compiles, the graph runtimes export and int8 quantizes): {setup}",
         ]
+    if "official_script_alone" in result:
+        alone = result["official_script_alone"]["full"]["median_ms"]
+        gap = reference / alone - 1
+        verdict = "agree" if abs(gap) <= 0.1 else "DISAGREE (more than 10 %: the machine was not quiet)"
+        lines += ["", f"Official full, interleaved vs its script alone: {gap:+.1%} ({verdict})"]
     lines += [f"skipped {name}: {reason}" for name, reason in result.get("skipped", {}).items()]
     return "\n".join(lines)
 

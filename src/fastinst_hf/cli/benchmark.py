@@ -5,29 +5,46 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
+import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-
-from ..benchmarks.runtimes import (
-    DEFAULT_RUNTIMES,
-    PEER_PACKAGES,
-    RUNTIMES,
-    BenchmarkOptions,
-    format_table,
-    run_benchmark,
-)
-from ..configuration_fastinst import VARIANTS, FastInstConfig
-from ..image_processing_fastinst import FastInstImageProcessor
-from ..inference.loading import load_model_and_processor
-from ..inference.resolve import DEMO_IMAGE_DIR
+from ..configuration_fastinst import VARIANTS
 from ..utils.arguments import HelpFormatter
-from ..utils.device import select_device
-from ..utils.errors import InputError
-from ..utils.files import atomic_write_text
-from ..utils.images import load_image
+from ..utils.errors import InputError, one_line
 from .options import add_device_argument
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from ..benchmarks.runtimes import BenchmarkOptions
+
+# What `--runtimes` / `--peers` accept (kept in step with `benchmarks.runtimes`, which imports torch: a test checks).
+RUNTIME_NAMES = (
+    "eager",
+    "unfolded",
+    "folded",
+    "folded+channels_last",
+    "compile",
+    "onnxruntime",
+    "openvino",
+    "openvino-int8",
+    "openvino-int8-all",
+    "bf16+channels_last",
+    "bf16-weights",
+    "cuda-fp16",
+    "cuda-bf16",
+)
+DEFAULT_RUNTIME_NAMES = (
+    "eager",
+    "unfolded",
+    "folded+channels_last",
+    "onnxruntime",
+    "bf16+channels_last",
+    "bf16-weights",
+)
+PEER_NAMES = ("mask2former", "yolo11s-seg", "yolo11m-seg", "rfdetr-seg-nano", "rfdetr-seg-small")
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -49,8 +66,8 @@ def add_parser(commands) -> None:
     parser.add_argument(
         "--runtimes",
         type=_names,
-        default=DEFAULT_RUNTIMES,
-        help=f"any of {', '.join(RUNTIMES)}; the openvino-int8 ones calibrate on the benchmark image and 7 random "
+        default=DEFAULT_RUNTIME_NAMES,
+        help=f"any of {', '.join(RUNTIME_NAMES)}; the openvino-int8 ones calibrate on the benchmark image and 7 random "
         "tensors of its size (enough to time int8; its accuracy is measured by scripts/check_reduced_precision.py)",
     )
     parser.add_argument("--runs", type=int, default=5, help="timed rounds (every runtime once per round)")
@@ -60,13 +77,19 @@ def add_parser(commands) -> None:
     parser.add_argument("--throughput-runtimes", type=_names, default=("eager", "folded+channels_last"))
     parser.add_argument("--official-root", default=None, help="PARITY_ROOT of shared/tools/official_parity")
     parser.add_argument("--official-tools", default=None, help="folder of bench_official.py")
-    parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEER_PACKAGES)}")
+    parser.add_argument("--peers", type=_names, default=(), help=f"optional extras: {', '.join(PEER_NAMES)}")
     parser.add_argument(
         "--train-step",
         action="store_true",
         help="also time one training step (batch 2, 512px; with --official-root also the official trainer's step)",
     )
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
+    parser.add_argument(
+        "--no-isolation",
+        action="store_true",
+        help="time in this process as started (default: in a child process whose idle OpenMP threads sleep, "
+        "OMP_WAIT_POLICY=PASSIVE, as every official worker's; needed because the policy is read when torch loads)",
+    )
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")
     parser.set_defaults(run=run)
@@ -74,12 +97,55 @@ def add_parser(commands) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.table_from:
+        from ..benchmarks.runtimes import format_table
+
         try:
             result = json.loads(Path(args.table_from).read_text())
         except (OSError, ValueError) as error:
             raise InputError(f"--table-from {args.table_from}: {error}") from error
         print(format_table(result))
         return 0
+    _options(args)  # bad options fail here, before any child process starts
+    from ..benchmarks.timing import threads_are_passive
+
+    if not args.no_isolation and not threads_are_passive():
+        return _run_in_passive_child(args)
+    return _benchmark(args)
+
+
+def _run_in_passive_child(args: argparse.Namespace) -> int:
+    """Runs this benchmark in a child process started with `PASSIVE_THREADS`; prints its output."""
+    from ..benchmarks.timing import isolated_environment
+
+    arguments = json.dumps({key: value for key, value in vars(args).items() if key != "run"})
+    command = [sys.executable, "-c", "import sys; from fastinst_hf.cli.benchmark import child_main; child_main()"]
+    child = subprocess.run([*command, arguments], env=isolated_environment(), stdout=subprocess.PIPE, text=True)
+    print(child.stdout, end="")
+    return child.returncode
+
+
+def child_main() -> None:
+    """Entry of `_run_in_passive_child`: the parsed arguments as JSON in argv[1]; exits with `run`'s status."""
+    args = argparse.Namespace(**json.loads(sys.argv[1]))
+    try:
+        status = _benchmark(args)
+    except InputError as error:
+        print(f"fastinst-hf benchmark: error: {one_line(error)}", file=sys.stderr)
+        status = 2
+    sys.exit(status)
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    import torch
+
+    from .. import FastInstForInstanceSegmentation
+    from ..benchmarks.runtimes import format_table, run_benchmark
+    from ..configuration_fastinst import FastInstConfig
+    from ..image_processing_fastinst import FastInstImageProcessor
+    from ..inference.loading import load_model_and_processor
+    from ..utils.device import select_device
+    from ..utils.files import atomic_write_text
+
     options = _options(args)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,12 +154,11 @@ def run(args: argparse.Namespace) -> int:
         model, processor, _ = load_model_and_processor(args.model, device)
     else:
         torch.manual_seed(0)
-        from .. import FastInstForInstanceSegmentation
-
         model, processor = FastInstForInstanceSegmentation(FastInstConfig.from_variant(args.variant)), None
     processor = processor or FastInstImageProcessor()
     result = run_benchmark(model, processor, _image(args.image), device, options)
     result["model"] = args.model or f"{args.variant} (random weights)"
+    result["variant"] = None if args.model else args.variant
     print(f"model: {result['model']}")
     print(format_table(result))
     if args.json:
@@ -104,15 +169,17 @@ def run(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> BenchmarkOptions:
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
-    unknown = [name for name in (*args.runtimes, *args.throughput_runtimes) if name not in RUNTIMES]
+    unknown = [name for name in (*args.runtimes, *args.throughput_runtimes) if name not in RUNTIME_NAMES]
     if unknown:
-        raise InputError(f"--runtimes: unknown {unknown}; choose from {', '.join(RUNTIMES)}")
-    if [peer for peer in args.peers if peer not in PEER_PACKAGES]:
-        raise InputError(f"--peers: choose from {', '.join(PEER_PACKAGES)}, got {', '.join(args.peers)}")
+        raise InputError(f"--runtimes: unknown {unknown}; choose from {', '.join(RUNTIME_NAMES)}")
+    if [peer for peer in args.peers if peer not in PEER_NAMES]:
+        raise InputError(f"--peers: choose from {', '.join(PEER_NAMES)}, got {', '.join(args.peers)}")
     if bool(args.official_root) != bool(args.official_tools):
         raise InputError("--official-root and --official-tools go together")
     if args.batch_sizes and min(args.batch_sizes) < 1:
         raise InputError(f"--batch-sizes must be >= 1, got {args.batch_sizes}")
+    from ..benchmarks.runtimes import BenchmarkOptions
+
     return BenchmarkOptions(
         runtimes=args.runtimes,
         runs=args.runs,
@@ -129,6 +196,11 @@ def _options(args: argparse.Namespace) -> BenchmarkOptions:
 
 def _image(path: str | None) -> np.ndarray:
     """`--image` as `(H, W, 3)` uint8, or the first bundled demo image resized to 480x640 (the protocol's size)."""
+    import numpy as np
+
+    from ..inference.resolve import DEMO_IMAGE_DIR
+    from ..utils.images import load_image
+
     if path is None:
         demos = sorted(DEMO_IMAGE_DIR.glob("*.png"))
         if not demos:

@@ -1,8 +1,8 @@
 """Inference speed levers for FastInst on CPU (and CUDA), each behind its own switch.
 
 - `fold_batch_norms`: a copy of the model whose (frozen or eval-mode) batch norms are folded into the preceding
-  convolutions: one op less per conv, same outputs up to float rounding. The original model and its state dict
-  are untouched (the copy is for inference only).
+  convolutions for good (plain convolutions; the model itself already runs them folded in eval mode, see
+  `FastInstFoldingConv2d`, with the same math). The original model and its state dict are untouched.
 - `relu_in_place`: the folded copy's ReLUs overwrite their input (a tensor made just before), bit-identical.
 - `channels_last`: NHWC memory format for the convolutions (oneDNN's preferred layout on CPU).
 - `compile`: `torch.compile` of the forward pass.
@@ -151,7 +151,7 @@ class OnnxRuntimeModel:
     `masks_queries_logits` tensors, which the image processor's post-processing accepts.
     """
 
-    def __init__(self, path, num_threads: int | None = None, config=None):
+    def __init__(self, path, num_threads: int | None = None, config=None, spinning: bool = True):
         import onnxruntime
 
         self.config = config
@@ -160,6 +160,9 @@ class OnnxRuntimeModel:
         options = onnxruntime.SessionOptions()
         if num_threads:
             options.intra_op_num_threads = num_threads
+        if not spinning:  # idle pool threads sleep (the benchmark times other processes meanwhile)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options.add_session_config_entry("session.inter_op.allow_spinning", "0")
         options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.output_names = [output.name for output in self.session.get_outputs()]
