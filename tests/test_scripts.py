@@ -64,6 +64,23 @@ def test_check_reduced_precision_script_compares_bf16_with_fp32(tmp_path):
     assert result["images"] == 3 and 0.0 <= result["matched_share"] <= 1.0 and "AP_bf16" in result
 
 
+def test_check_reduced_precision_script_measures_a_bf16_weights_split(tmp_path):
+    out = tmp_path / "precision.json"
+    run_script(
+        "check_reduced_precision.py",
+        "--shapes",
+        "2",
+        "--precision",
+        "bf16-weights",
+        "--split",
+        "decoder",
+        "--json",
+        out,
+    )
+    result = json.loads(out.read_text())
+    assert result["split"] == "decoder" and result["images"] == 2 and "AP_bf16-weights" in result
+
+
 @pytest.mark.slow  # exports the embedded model and quantizes it
 def test_check_reduced_precision_script_compares_int8_with_fp32(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))  # the graph and its int8 IR go there
