@@ -155,6 +155,9 @@ def tf32(enabled: bool):
 # The run: sections of cases, each recorded with its status, never stopping the others.
 
 
+SKIPPED_BY_OPTION, SKIPPED_FOR_TIME = "--skip", "the section's time budget is spent"
+
+
 class Unavailable(Exception):
     """A case that cannot run here (missing package, CPU-only limitation): recorded as skipped, in one line."""
 
@@ -188,9 +191,9 @@ class Check:
         error, `Unavailable` a skip."""
         cases = self.section["cases"]
         if any(pattern in name for pattern in self.skip):
-            cases[name] = {"status": "skipped", "reason": "--skip"}
+            cases[name] = {"status": "skipped", "reason": SKIPPED_BY_OPTION}
         elif time.monotonic() > self.deadline:
-            cases[name] = {"status": "skipped", "reason": "the section's time budget is spent"}
+            cases[name] = {"status": "skipped", "reason": SKIPPED_FOR_TIME}
         else:
             try:
                 result = body(*args)
@@ -422,7 +425,7 @@ def precision(check: Check) -> None:
     from fastinst_hf.image_processing_fastinst import image_processor_for_config
     from fastinst_hf.inference.loading import load_model_and_processor
 
-    count, size = (2, (96, 96)) if check.quick else (24, (320, 320))
+    count, size = (1, (96, 96)) if check.quick else (24, (320, 320))
     folder = check.workdir / "precision_shapes"
     # A seed the embedded model was not trained on (as check_reduced_precision.py --shapes).
     coco_json = make_shapes_dataset(folder, count, image_size=size, seed=12345)
@@ -467,7 +470,7 @@ def precision_case(check: Check, reduced, model, directory: Path, evaluation, na
     result.pop("bf16_units")
     finite = candidate.nonfinite == 0 and reference.nonfinite == 0
     return {
-        # Two images (--quick) are too few for the AP rule: it is reported, not applied.
+        # One image (--quick) is too few for the AP rule: it is reported, not applied.
         "ok": finite and (result["passes"] or label != "embedded" or check.quick),
         **result,
         "nonfinite_outputs": candidate.nonfinite,
@@ -503,7 +506,7 @@ def speed(check: Check) -> None:
             for batch, case in cases.items():
                 name = f"{variant} {runtime} batch {batch}"
                 result = check.case(name, time_runtime, check, build, runner, case)
-                if result["status"] == "skipped" and result["reason"] != "--skip":
+                if result["status"] == "skipped" and result["reason"] not in (SKIPPED_BY_OPTION, SKIPPED_FOR_TIME):
                     unavailable.add(runtime)
                     check.section["cases"][f"{runtime}"] = check.section["cases"].pop(name)
                     break
@@ -572,6 +575,7 @@ def runtime_builders(check: Check, model, case) -> dict[str, Callable]:
                 raise Unavailable("mode='reduce-overhead' (CUDA graphs) needs CUDA")
             # Inductor compiles C++ for minutes on a small CPU: the quick CPU run traces with Dynamo only.
             backend = "eager" if check.quick and not cuda else "inductor"
+            torch._dynamo.reset()  # a fresh cache: the other mode's compiled graphs must not be reused
             return torch.compile(model, mode=mode, backend=backend)
 
         return build
