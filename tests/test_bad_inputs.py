@@ -437,6 +437,7 @@ CASES = [
     ),
     # evaluate
     Case("evaluate: good data", evaluate(), 0),
+    Case("evaluate: Boundary AP", evaluate(options=("--iou-type", "boundary")), 0),
     Case("evaluate: a polygon of 2 points", evaluate(coco(annotations=[*coco()["annotations"], BAD_POLYGON])), 0),
     Case("evaluate: malformed JSON", evaluate("{not json"), 2, "not valid JSON"),
     Case("evaluate: JSON list", evaluate("[]"), 2, "expected a JSON object"),

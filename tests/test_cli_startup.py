@@ -1,10 +1,10 @@
 """The command line starts at once: `--help` of the tool and of every command in a fresh process, without torch."""
 
 import os
+import re
 import subprocess
 import sys
 import time
-import tomllib
 from pathlib import Path
 
 import pytest
@@ -19,9 +19,9 @@ HEAVY = ("torch", "transformers", "numpy")
 
 def console_script() -> tuple[str, str]:
     """(module, function) of the `fastinst-hf` entry point declared in pyproject.toml."""
-    entry = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]["fastinst-hf"]
-    module, function = entry.split("#")[0].strip().split(":")
-    return module, function
+    # tomllib is Python 3.11+; the project supports 3.10
+    entry = re.search(r'^fastinst-hf = "([\w.]+):(\w+)"', (ROOT / "pyproject.toml").read_text(), re.MULTILINE)
+    return entry.group(1), entry.group(2)
 
 
 def run_python(code: str, *args: str) -> subprocess.CompletedProcess:
