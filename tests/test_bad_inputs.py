@@ -245,7 +245,7 @@ def evaluate(
     return build
 
 
-def train(data: dict | str | None = None, options: tuple = ()) -> Callable[[Env], list[str]]:
+def train(data: dict | str | bytes | None = None, options: tuple = ()) -> Callable[[Env], list[str]]:
     def build(env: Env) -> list[str]:
         json_file, folder = env.dataset(coco() if data is None else data)
         config = json.dumps({"num_queries": 10, "test_shortest_edge": 64, "test_longest_edge": 96})
@@ -514,6 +514,24 @@ CASES = [
         "--config-json",
     ),
     Case(
+        "train: --config-json with 0 queries",
+        train(options=("--config-json", '{"num_queries": 0}')),
+        2,
+        "--config-json: num_queries=0 (expected >= 1)",
+    ),
+    Case(
+        "train: --config-json with test size 0",
+        train(options=("--config-json", '{"test_shortest_edge": 0}')),
+        2,
+        "test_shortest_edge=0 (expected >= 1)",
+    ),
+    Case(
+        "train: binary --train-json",
+        train(bytes(range(256)) * 4),
+        2,
+        "data/coco.json: not a JSON text file",
+    ),
+    Case(
         "train: --config-json binary file",
         lambda env: [*train()(env), "--config-json", env.file("c.json", b"\xff\xfe\x00")],
         2,
@@ -658,7 +676,7 @@ CASES = [
         2,
         "main.yaml",
     ),
-    Case("convert: binary YAML", convert_yaml({"main.yaml": b"\xff\xfe\x00\x01"}), 2, "not a valid YAML text file"),
+    Case("convert: binary YAML", convert_yaml({"main.yaml": b"\xff\xfe\x00\x01"}), 2, "not valid YAML text"),
     Case("convert: YAML list", convert_yaml({"main.yaml": "- 1\n- 2\n"}), 2, "expected a YAML mapping"),
     Case(
         "convert: --push-to-hub 'a b'",

@@ -94,7 +94,7 @@ def read_detectron2_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> d
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (yaml.YAMLError, UnicodeDecodeError) as error:
-        raise CheckpointConversionError(f"{path} is not a valid YAML text file: {one_line(error)}") from error
+        raise CheckpointConversionError(f"{path} is not valid YAML text: {one_line(error)}") from error
     if not isinstance(tree, dict):
         raise CheckpointConversionError(f"{path} is not a detectron2 config (expected a YAML mapping)")
     base = tree.pop("_BASE_", None)

@@ -12,6 +12,20 @@ from ..inference.loading import check_weights_files, load_pretrained
 from ..modeling_fastinst import FastInstForInstanceSegmentation
 from ..utils.errors import InputError, one_line
 
+# Sizes that must be >= 1 (0 queries trains on NaN losses, a test size of 0 saves an unusable processor); the
+# config's own validators leave them open.
+POSITIVE_FIELDS = (
+    "num_queries",
+    "hidden_dim",
+    "pixel_decoder_channels",
+    "mask_dim",
+    "num_attention_heads",
+    "dim_feedforward",
+    "train_num_points",
+    "num_detections",
+    "test_shortest_edge",
+    "test_longest_edge",
+)
 # The class-dependent layers, re-initialised when the label set changes.
 CLASS_HEAD_KEY_PARTS = ("class_predictor.layers.2.", "query_proposal.classifier.")
 
@@ -47,9 +61,13 @@ def check_init(init: str, overrides: dict) -> FastInstConfig:
         source = f"--init {Path(init) / 'config.json'}" + (" with --config-json" if overrides else "")
         check_weights_files(Path(init))
     try:
-        return init_config(init, overrides)
+        config = init_config(init, overrides)
     except (StrictDataclassError, TypeError, ValueError, KeyError, OSError, ArithmeticError) as error:
         raise InputError(f"{source}: {one_line(error)}") from error
+    small = [f"{name}={getattr(config, name)}" for name in POSITIVE_FIELDS if getattr(config, name) < 1]
+    if small:
+        raise InputError(f"{source}: {', '.join(small)} (expected >= 1)")
+    return config
 
 
 def _build(config: FastInstConfig) -> FastInstForInstanceSegmentation:
