@@ -286,10 +286,10 @@ def test_convert_command(tmp_path, capsys):
 
 
 def test_train_command_validates_then_trains(monkeypatch, tmp_path):
-    import fastinst_hf.cli.train
+    import fastinst_hf.training.loop
 
     seen = []
-    monkeypatch.setattr(fastinst_hf.cli.train, "train", seen.append)
+    monkeypatch.setattr(fastinst_hf.training.loop, "train", seen.append)
     (tmp_path / "t.json").write_text("{}")
     argv = ["train", "--train-json", str(tmp_path / "t.json"), "--train-images", str(tmp_path)]
     assert main([*argv, "--output-dir", str(tmp_path / "run"), "--max-steps", "3"]) == 0
@@ -388,7 +388,7 @@ def test_unknown_hub_repo_offline_gives_a_clear_error():
         resolve_model("nobody/no-such-fastinst")
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "convert", "train", "export"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "convert", "train", "export", "info"])
 def test_command_help_names_the_command_and_states_defaults_once(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])
