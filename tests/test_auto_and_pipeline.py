@@ -20,6 +20,7 @@ from transformers import (
 
 import fastinst_hf
 from fastinst_hf.conversion.official import convert_checkpoint, save_converted
+from fastinst_hf.releases import COCO_THING_CLASSES
 
 VARIANT = "d1_r50slim_small"
 
@@ -63,11 +64,13 @@ def test_saved_folder_carries_code_and_auto_map(converted_dir):
     }
     for name in (
         "configuration_fastinst.py",
+        "configuration_fastinst_resnet_vd.py",
         "modeling_fastinst.py",
         "loss_fastinst.py",
         "modeling_fastinst_resnet_vd.py",
         "image_processing_fastinst.py",
         "image_processing_pil_fastinst.py",
+        "mask_resizing_fastinst.py",
     ):
         assert (converted_dir / name).is_file(), name
 
@@ -88,7 +91,7 @@ def test_pipeline_instance_subtask_matches_official_instances(converted_dir, ima
     top = max(results, key=lambda r: r["score"])
     assert abs(top["score"] - official["instances.scores"][best].item()) < 1e-4
     label = official["instances.pred_classes"][best].item()
-    assert top["label"] == fastinst_hf.FastInstConfig().id2label[label]
+    assert top["label"] == COCO_THING_CLASSES[label]
     ours, theirs = np.array(top["mask"]) > 0, official["instances.pred_masks"][best].numpy()
     assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.999
 

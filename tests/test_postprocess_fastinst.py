@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fastinst_hf import image_processing_fastinst as processing
+from fastinst_hf import mask_resizing_fastinst as mask_resizing
 from fastinst_hf.image_processing_fastinst import FastInstImageProcessor, binary_mask_to_rle
 
 
@@ -31,7 +32,7 @@ def test_binary_mask_to_rle_matches_transformers_format():
 def test_chunk_size_does_not_change_the_masks():
     logits = 2 * torch.randn(7, 6, 8, generator=torch.Generator().manual_seed(1))
     runs = [
-        list(processing.iter_binary_masks(logits, (40, 60), (50, 70), 0.5, chunk_pixels=pixels))
+        list(mask_resizing.iter_binary_masks(logits, (40, 60), (50, 70), 0.5, chunk_pixels=pixels))
         for pixels in (1, 3 * 64 * 70, 10**9)
     ]
     assert [len(run) for run in runs] == [7, 3, 1]
@@ -72,12 +73,12 @@ def blob_logits(queries: int, size: tuple[int, int], seed: int = 0) -> torch.Ten
 )
 def test_tiled_masks_equal_the_dense_resizing(logit_size, resized, output):
     """The tiled CPU path gives torch's masks bit for bit (and its scores up to float rounding)."""
-    if processing._exact_axes(logit_size, resized, output) is None:
+    if mask_resizing._exact_axes(logit_size, resized, output) is None:
         pytest.skip("this torch build's bilinear rounding is not reproduced; the dense path runs instead")
     logits = blob_logits(9, logit_size)
-    probs = processing.dense_mask_logits(logits, resized, output).sigmoid()
+    probs = mask_resizing.resize_mask_logits(logits, resized, output).sigmoid()
     masks = probs > 0.5
-    ((_, tiled, scores, areas),) = processing.iter_binary_masks(logits, resized, output, 0.5)
+    ((_, tiled, scores, areas),) = mask_resizing.iter_binary_masks(logits, resized, output, 0.5)
     assert torch.equal(tiled, masks) and masks.any() and not masks.all()
     assert torch.equal(areas, masks.flatten(1).sum(1))
     expected = (probs * masks).flatten(1).sum(1) / (areas + 1e-6)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..configuration_fastinst import VARIANTS
 from ..conversion.official import convert_checkpoint, save_converted
+from ..releases import VARIANTS
 from ..utils.errors import InputError
 from ..utils.files import check_output_folder
 

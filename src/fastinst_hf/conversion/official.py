@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 import yaml
 
-from ..configuration_fastinst import OFFICIAL_RELEASE_URL, VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..configuration_fastinst import FastInstConfig
+from ..configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from ..hub.model_card import render_model_card
 from ..hub.push import push_model_to_hub
 from ..image_processing_fastinst import image_processor_for_config
 from ..modeling_fastinst import FastInstForInstanceSegmentation
+from ..releases import OFFICIAL_RELEASE_URL, VARIANTS, coco_labels, variant_config
 from ..utils.errors import InputError
 from ..utils.files import atomic_write_text
 
@@ -193,7 +195,7 @@ def config_from_detectron2(path: str | Path) -> FastInstConfig:
 
 def _labels_kwargs(num_classes: int) -> dict:
     if num_classes == 80:
-        return {}  # FastInstConfig defaults to the COCO class names
+        return coco_labels()
     return {"id2label": {i: f"class_{i}" for i in range(num_classes)}}
 
 
@@ -407,7 +409,7 @@ def convert_checkpoint(
     if config_file is not None:
         config = config_from_detectron2(config_file)
     elif variant is not None:
-        config = FastInstConfig.from_variant(variant)
+        config = variant_config(variant)
     official = load_official_checkpoint(checkpoint)
     model = FastInstForInstanceSegmentation(config)
     state_dict = convert_state_dict(official, model.state_dict(), source=str(checkpoint))

@@ -8,8 +8,8 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..configuration_fastinst import VARIANTS
 from ..data.transforms import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
+from ..releases import VARIANTS
 from ..utils.arguments import HelpFormatter, default_num_workers
 from ..utils.errors import InputError
 from ..utils.files import check_output_folder

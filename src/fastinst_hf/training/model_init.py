@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from ..configuration_fastinst import VARIANTS, FastInstConfig
+from ..configuration_fastinst import FastInstConfig
 from ..modeling_fastinst import FastInstForInstanceSegmentation
+from ..releases import VARIANTS, variant_config
 
 # The class-dependent layers, re-initialised when the label set changes.
 CLASS_HEAD_KEY_PARTS = ("class_predictor.layers.2.", "query_proposal.classifier.")
@@ -22,7 +23,7 @@ def init_config(init: str, overrides: dict, **labels) -> FastInstConfig:
     if init == "config":
         return FastInstConfig(**overrides, **labels)
     if init in VARIANTS:
-        return FastInstConfig.from_variant(init, **overrides, **labels)
+        return variant_config(init, **overrides, **labels)
     return FastInstConfig.from_pretrained(init, **overrides)
 
 
@@ -44,7 +45,7 @@ def build_model(init: str, overrides: dict, id2label: dict[int, str], log=print)
     """The model to train, with the dataset's labels in its config.
 
     `init` is "config" or a variant name (random weights; the architecture from `FastInstConfig(**overrides)` /
-    `FastInstConfig.from_variant(init, **overrides)`), or a saved model folder (weights loaded, `overrides` applied
+    `variant_config(init, **overrides)`), or a saved model folder (weights loaded, `overrides` applied
     to the saved config). When the saved labels differ from `id2label`, the class-dependent layers (each prediction
     head's `class_predictor.layers.2` and `query_proposal.classifier`) are re-initialised and a notice is logged.
     """
