@@ -6,7 +6,8 @@ RGB uint8 -> `ResizeShortestEdge` (detectron2 rounding) with bilinear resampling
 
 Post-processing reproduces the official `FastInst.instance_inference`, but selects the top-k
 (query, class) pairs first and only upsamples the masks of the kept queries (on CPU, only the output tiles where
-a mask pixel can be).
+a mask pixel can be, see `mask_resizing_fastinst.py`), and the official `semantic_inference` and
+`panoptic_inference`, on masks resized the same way.
 """
 
 import shutil
@@ -19,6 +20,7 @@ import torch
 from torch.nn import functional as F
 from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -31,7 +33,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
-from .mask_resizing_fastinst import MASK_STRIDE, iter_binary_masks
+from .mask_resizing_fastinst import MASK_STRIDE, iter_binary_masks, resize_mask_logits
 
 logger = logging.get_logger(__name__)
 
@@ -481,6 +483,63 @@ def post_process_instances_single(
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
+def semantic_scores_single(class_logits, mask_logits, resized_size, output_size) -> torch.Tensor:
+    """
+    The official `FastInst.semantic_inference` for one image: `(K, H, W)` class scores
+    `sum_q softmax(class_logits)[q, k] * sigmoid(mask_q)` ("no object" dropped), the masks resized as the official
+    inference resizes them ([`resize_mask_logits`]) before the sigmoid.
+    """
+    mask_probs = resize_mask_logits(mask_logits.float(), resized_size, output_size).sigmoid()
+    class_probs = class_logits.float().softmax(-1)[:, :-1]
+    return torch.einsum("qk,qhw->khw", class_probs, mask_probs)
+
+
+def panoptic_inference_single(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    resized_size: tuple[int, int],
+    output_size: tuple[int, int],
+    threshold: float,
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+    label_ids_to_fuse: set[int],
+) -> dict:
+    """
+    The official `FastInst.panoptic_inference` for one image: the queries whose best class (not "no object") has a
+    probability `> threshold` compete for each pixel by `score * sigmoid(mask)`; a query keeps the pixels it wins
+    where its own probability is `>= mask_threshold`, unless it wins less than `overlap_mask_area_threshold` of its
+    own mask. The segments of a label in `label_ids_to_fuse` share one id (the official code fuses "stuff" labels).
+    Returns `{"segmentation": (H, W) int32 segment ids (0 = none), "segments_info": [...]}`.
+    """
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    keep = labels.ne(class_logits.shape[-1] - 1) & (scores > threshold)
+    scores, labels = scores[keep], labels[keep]
+    segmentation = torch.zeros(output_size, dtype=torch.int32, device=mask_logits.device)
+    segments_info = []
+    if not keep.any():
+        return {"segmentation": segmentation, "segments_info": segments_info}
+    mask_probs = resize_mask_logits(mask_logits[keep].float(), resized_size, output_size).sigmoid()
+    owners = (scores[:, None, None] * mask_probs).argmax(0)
+    fused_ids = {}
+    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
+        won, own = owners == k, mask_probs[k] >= mask_threshold
+        won_area, own_area = int(won.sum()), int(own.sum())
+        mask = won & own
+        if won_area == 0 or own_area == 0 or not mask.any() or won_area / own_area < overlap_mask_area_threshold:
+            continue
+        if label in fused_ids:
+            segmentation[mask] = fused_ids[label]
+            continue
+        segment_id = len(segments_info) + 1
+        if label in label_ids_to_fuse:
+            fused_ids[label] = segment_id
+        segmentation[mask] = segment_id
+        segments_info.append(
+            {"id": segment_id, "label_id": label, "was_fused": label in label_ids_to_fuse, "score": score}
+        )
+    return {"segmentation": segmentation, "segments_info": segments_info}
+
+
 class FastInstImageProcessingMixin:
     """Backend-independent parts of the FastInst image processors: input checks, targets and post-processing."""
 
@@ -848,6 +907,84 @@ class FastInstImageProcessingMixin:
                 self.duplicate_iou_threshold,
             )
             for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
+        ]
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_segmentation_scores: bool = False,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
+        """
+        Converts [`FastInstForInstanceSegmentation`] outputs into semantic segmentation maps, in the format of
+        `Mask2FormerImageProcessor.post_process_semantic_segmentation`, with the official FastInst
+        `semantic_inference`: per pixel, the class `k` with the highest `sum_q class_prob[q, k] * mask_prob[q]`, the
+        masks resized as the official inference resizes them (to the padded input size, cropped to the resized
+        image, to the target size).
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)`.
+            target_sizes (`(B, 2)`, *optional*): final `(height, width)` per image, normally the original size;
+                without it, the maps are at the resized input size.
+            return_segmentation_scores (`bool`): also return the `(K, H, W)` class scores.
+            image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
+                [`~FastInstImageProcessor.instance_inference`].
+
+        Returns:
+            `list[torch.Tensor]`: one `(H, W)` long map of class ids per image; with `return_segmentation_scores`,
+            `SemanticSegmentationPostProcessorOutput`s with `segmentation` and `segmentation_scores`.
+        """
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
+        results = []
+        for i, sizes in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes)):
+            scores = semantic_scores_single(class_logits[i], mask_logits[i], *sizes)
+            data = {"segmentation": scores.argmax(0), "segmentation_scores": scores}
+            results.append(SemanticSegmentationPostProcessorOutput(data=data))
+        return results if return_segmentation_scores else [result.segmentation for result in results]
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: set[int] | None = None,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict]:
+        """
+        Converts [`FastInstForInstanceSegmentation`] outputs into panoptic segmentation predictions, in the format of
+        `Mask2FormerImageProcessor.post_process_panoptic_segmentation`, with the official FastInst
+        `panoptic_inference` (see [`panoptic_inference_single`]) on masks resized as the official inference resizes
+        them. The defaults are the official test settings (`OBJECT_MASK_THRESHOLD` and `OVERLAP_THRESHOLD` 0.8).
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)`.
+            threshold (`float`, defaults to 0.8): minimum class probability of a query's best class.
+            mask_threshold (`float`, defaults to 0.5): probability from which a pixel belongs to a query's mask.
+            overlap_mask_area_threshold (`float`, defaults to 0.8): a query whose mask keeps less than this fraction
+                of its pixels after the competition gives no segment.
+            label_ids_to_fuse (`set[int]`, *optional*): labels whose segments share a single id (e.g. "stuff"
+                classes such as sky); none by default: the released FastInst models detect "thing" classes only.
+            target_sizes (`(B, 2)`, *optional*): final `(height, width)` per image, normally the original size.
+            image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
+                [`~FastInstImageProcessor.instance_inference`].
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation** -- `(H, W)` int32 tensor of segment ids, 0 where no segment is.
+            - **segments_info** -- list of `{"id", "label_id", "was_fused", "score"}` (ids from 1, in query order;
+              `score` is the class probability).
+        """
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
+        label_ids_to_fuse = set() if label_ids_to_fuse is None else set(label_ids_to_fuse)
+        settings = (threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse)
+        return [
+            panoptic_inference_single(class_logits[i], mask_logits[i], *sizes, *settings)
+            for i, sizes in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
         ]
 
 
