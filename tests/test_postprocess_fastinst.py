@@ -1,6 +1,7 @@
 """Post-processing: our run-length encoding, chunked masks, the bounded-memory two-pass path, and the semantic and
 panoptic outputs against the official formulas on the recorded official logits."""
 
+import collections
 from types import SimpleNamespace
 
 import numpy as np
@@ -75,18 +76,35 @@ def blob_logits(queries: int, size: tuple[int, int], seed: int = 0) -> torch.Ten
     "logit_size, resized, output",
     [((12, 16), (96, 128), (96, 128)), ((12, 16), (90, 128), (75, 107)), ((9, 10), (72, 77), (300, 321))],
 )
-def test_tiled_masks_equal_the_dense_resizing(logit_size, resized, output):
+def test_tiled_masks_equal_the_dense_resizing(monkeypatch, logit_size, resized, output):
     """The tiled CPU path gives torch's masks bit for bit (and its scores up to float rounding)."""
     if mask_resizing._exact_axes(logit_size, resized, output) is None:
         pytest.skip("this torch build's bilinear rounding is not reproduced; the dense path runs instead")
+    monkeypatch.setattr(mask_resizing, "PROBE_BREAK_EVEN", 0)  # probe these small sizes too
+    monkeypatch.setattr(mask_resizing, "_PROBED", collections.OrderedDict())
     logits = blob_logits(9, logit_size)
     probs = mask_resizing.resize_mask_logits(logits, resized, output).sigmoid()
     masks = probs > 0.5
     ((_, tiled, scores, areas),) = mask_resizing.iter_binary_masks(logits, resized, output, 0.5)
+    assert mask_resizing._PROBED[(logit_size, resized, output)] is not None
     assert torch.equal(tiled, masks) and masks.any() and not masks.all()
     assert torch.equal(areas, masks.flatten(1).sum(1))
     expected = (probs * masks).flatten(1).sum(1) / (areas + 1e-6)
     torch.testing.assert_close(scores, expected, rtol=1e-6, atol=0)
+
+
+def test_the_probe_runs_only_where_it_pays_off_and_is_remembered(monkeypatch):
+    monkeypatch.setattr(mask_resizing, "_PROBED", collections.OrderedDict())
+    calls = []
+    monkeypatch.setattr(mask_resizing, "_exact_axes", lambda *sizes: calls.append(sizes) or None)
+    sizes = ((60, 80), (480, 640), (480, 640))  # 307200 padded + 307200 output pixels per dense mask
+    few = 2 + mask_resizing.PROBE_BREAK_EVEN // (2 * 480 * 640)  # (masks - 2) x pixels just below break-even
+    assert mask_resizing._probed_axes(sizes, few) is None and calls == []  # dense, nothing remembered
+    assert mask_resizing._probed_axes(sizes, few + 1) is None and calls == [sizes]
+    assert mask_resizing._probed_axes(sizes, 1) is None and calls == [sizes]  # remembered, not probed again
+    for k in range(mask_resizing.PROBED_SIZES):
+        mask_resizing._probed_axes(((60, 80), (480, 640), (480, 641 + k)), 100)
+    assert sizes not in mask_resizing._PROBED and len(mask_resizing._PROBED) == mask_resizing.PROBED_SIZES
 
 
 def test_paint_masks_equals_painting_one_mask_at_a_time():

@@ -6,7 +6,7 @@ evaluates only the output tiles where a mask pixel can be, with torch's own floa
 and elsewhere it resizes densely.
 """
 
-import functools
+import collections
 import math
 
 import numpy as np
@@ -24,6 +24,12 @@ CHUNK_PIXELS = 1_300_000
 TILED_CHUNK_PIXELS = 1 << 25
 MASK_TILE = 32
 TILE_BATCH = 1024
+# The probe of a new size checks every output row and column twice plus PROBE_PIXELS random pixels. It costs about
+# two masks resized densely plus a few milliseconds, so it only runs where (masks - 2) x (padded + output pixels)
+# reaches PROBE_BREAK_EVEN (measured with scripts/measure_mask_probe.py); the last PROBED_SIZES answers are kept.
+PROBE_PIXELS = 4096
+PROBE_BREAK_EVEN = 2_000_000
+PROBED_SIZES = 16
 
 
 def _bilinear_taps(in_size: int, out_size: int, fused: bool) -> tuple[torch.Tensor, ...]:
@@ -117,24 +123,60 @@ def resize_mask_logits(mask_logits: torch.Tensor, resized_size, output_size) -> 
     return logits[0]
 
 
-@functools.lru_cache(maxsize=16)
+def _probe_pixels(shape: tuple[int, int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(ys, xs)` of the pixels the probe checks: every output row and every output column twice (each has its own
+    taps, and torch's vectorised kernel leaves the last columns of a row to scalar code), plus random pixels."""
+    height, width = shape
+    ys = torch.cat(
+        [torch.arange(height).repeat(2), torch.randint(height, (2 * width + PROBE_PIXELS,), generator=generator)]
+    )
+    xs = torch.cat(
+        [
+            torch.randint(width, (2 * height,), generator=generator),
+            torch.arange(width).repeat(2),
+            torch.randint(width, (PROBE_PIXELS,), generator=generator),
+        ]
+    )
+    return ys, xs
+
+
 def _exact_axes(logit_size, resized_size, output_size) -> tuple[_Axis, _Axis, bool] | None:
     """
     `(rows, cols, fused)` with which [`_exact_mask_logits`] reproduces [`resize_mask_logits`] bit for bit at these sizes
-    on this CPU, or None. Checked on one random mask at up to 2**20 pixels, because torch's kernel rounds differently
-    with its build (fused multiply-adds) and for small outputs (another kernel).
+    on this CPU, or None. Checked on one random mask (see [`_probe_pixels`]), because torch's kernel rounds
+    differently with its build (fused multiply-adds) and for small outputs (another kernel).
     """
     generator = torch.Generator().manual_seed(0)
     probe = 4 * torch.randn(1, *logit_size, generator=generator)
-    reference = resize_mask_logits(probe, resized_size, output_size)
-    pixels = torch.randint(0, reference.numel(), (min(reference.numel(), 1 << 20),), generator=generator)
-    maps, ys, xs = torch.unravel_index(pixels, reference.shape)
+    reference = resize_mask_logits(probe, resized_size, output_size)[0]
+    ys, xs = _probe_pixels(tuple(output_size), generator)
+    maps = torch.zeros_like(ys)
     for fused in (True, False):
         rows = _Axis(logit_size[0], resized_size[0], output_size[0], MASK_TILE, fused)
         cols = _Axis(logit_size[1], resized_size[1], output_size[1], MASK_TILE, fused)
-        if torch.equal(_exact_mask_logits(probe, maps, ys, xs, rows, cols, fused), reference[maps, ys, xs]):
+        if torch.equal(_exact_mask_logits(probe, maps, ys, xs, rows, cols, fused), reference[ys, xs]):
             return rows, cols, fused
     return None
+
+
+_PROBED: collections.OrderedDict = collections.OrderedDict()
+
+
+def _probed_axes(sizes: tuple, num_masks: int) -> tuple[_Axis, _Axis, bool] | None:
+    """[`_exact_axes`] of `sizes` = `(logit_size, resized_size, output_size)`, remembered for the last
+    `PROBED_SIZES` sizes. On a new size the probe only runs where it pays off (see `PROBE_BREAK_EVEN`), so that a
+    first call is not slower than the dense path; otherwise None (the dense path)."""
+    if sizes in _PROBED:
+        _PROBED.move_to_end(sizes)
+        return _PROBED[sizes]
+    (logit_height, logit_width), _, (height, width) = sizes
+    dense_pixels = logit_height * logit_width * MASK_STRIDE**2 + height * width
+    if (num_masks - 2) * dense_pixels < PROBE_BREAK_EVEN:
+        return None
+    _PROBED[sizes] = _exact_axes(*sizes)
+    if len(_PROBED) > PROBED_SIZES:
+        _PROBED.popitem(last=False)
+    return _PROBED[sizes]
 
 
 def _tile_maxima(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
@@ -194,8 +236,8 @@ def iter_binary_masks(
     """
     Official mask upsampling of `(N, h, w)` stride-8 mask logits (see [`resize_mask_logits`]), sigmoid,
     `> mask_threshold`, a chunk of masks at a time. On CPU, where [`_exact_mask_logits`] matches torch's kernel, only
-    the tiles that can hold mask pixels are resized (the same masks, several times faster); otherwise the chunk is
-    resized densely.
+    the tiles that can hold mask pixels are resized (the same masks, several times faster; a new size is probed first,
+    see [`_probed_axes`]); otherwise the chunk is resized densely.
 
     Yields:
         `(start, masks, mask_scores, areas)`: masks `start : start + n` as `(n, *output_size)` bool, their `(n,)` mask
@@ -204,7 +246,8 @@ def iter_binary_masks(
     threshold = float(np.float32(mask_threshold))
     axes = None
     if mask_logits.device.type == "cpu" and mask_logits.dtype == torch.float32 and 0 < threshold < 1:
-        axes = _exact_axes(tuple(mask_logits.shape[-2:]), tuple(resized_size), tuple(output_size))
+        sizes = (tuple(mask_logits.shape[-2:]), tuple(resized_size), tuple(output_size))
+        axes = _probed_axes(sizes, len(mask_logits))
     if chunk_pixels is None:
         chunk_pixels = CHUNK_PIXELS if axes is None else TILED_CHUNK_PIXELS
     # The dense path also holds the float masks at the padded size; the tiled path only the bool output.
