@@ -225,15 +225,16 @@ def nonfinite(*tensors: torch.Tensor) -> int:
 # Models: the released variants (random weights), toy-sized with --quick.
 
 
-def variant_config(name: str, quick: bool):
-    """`FastInstConfig.from_variant(name)`; with `quick` the same structure (backbone kind, decoder layers) at toy
+def toy_or_full_config(name: str, quick: bool):
+    """`releases.variant_config(name)`; with `quick` the same structure (backbone kind, decoder layers) at toy
     widths and a 64x96 test size."""
     from transformers import ResNetConfig
 
-    from fastinst_hf import FastInstConfig, FastInstResNetVdConfig
+    from fastinst_hf import FastInstResNetVdConfig
+    from fastinst_hf.releases import variant_config
 
     if not quick:
-        return FastInstConfig.from_variant(name)
+        return variant_config(name)
     stages = dict(hidden_sizes=[32, 64, 128, 256], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"])
     if "vd-dcn" in name:
         backbone = FastInstResNetVdConfig(
@@ -243,7 +244,7 @@ def variant_config(name: str, quick: bool):
         backbone = ResNetConfig(embedding_size=16, layer_type="bottleneck", **stages)
     toy = dict(hidden_dim=32, pixel_decoder_channels=32, mask_dim=32, group_norm_groups=8, num_queries=10)
     toy.update(num_attention_heads=4, dim_feedforward=64, test_shortest_edge=64, test_longest_edge=96)
-    return FastInstConfig.from_variant(name, backbone_config=backbone, id2label=dict(TRAIN_LABELS), **toy)
+    return variant_config(name, backbone_config=backbone, id2label=dict(TRAIN_LABELS), **toy)
 
 
 def random_model(name: str, quick: bool, seed: int = 0, id2label: dict | None = None):
@@ -251,7 +252,7 @@ def random_model(name: str, quick: bool, seed: int = 0, id2label: dict | None = 
     from fastinst_hf import FastInstForInstanceSegmentation
 
     torch.manual_seed(seed)
-    config = variant_config(name, quick)
+    config = toy_or_full_config(name, quick)
     if id2label is not None:
         config.id2label = dict(id2label)
     model = FastInstForInstanceSegmentation(config).eval()
@@ -322,7 +323,7 @@ def dcn_forward_backward(check: Check) -> dict:
     from fastinst_hf.modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
 
     torch.manual_seed(0)
-    model = FastInstResNetVdBackbone(variant_config("fastinst-d1-r50-vd-dcn", check.quick).backbone_config).eval()
+    model = FastInstResNetVdBackbone(toy_or_full_config("fastinst-d1-r50-vd-dcn", check.quick).backbone_config).eval()
     randomise_offsets(model)
     side = 64 if check.quick else 512
     image = torch.randn(2, 3, side, side, generator=torch.Generator().manual_seed(1))

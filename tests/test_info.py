@@ -7,9 +7,10 @@ import torch
 from conftest import tiny_config
 
 import fastinst_hf.cli.info as info
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.cli import main
 from fastinst_hf.conversion.official import save_converted
+from fastinst_hf.releases import variant_config
 from fastinst_hf.utils.flops import count_flops, paper_gflops
 
 
@@ -45,7 +46,7 @@ def test_info_of_the_default_model_names_its_origin(capsys):
     [("fastinst-d1-r50", "ResNet-50"), ("fastinst-d3-r101", "ResNet-101"), ("fastinst-d3-r50-vd-dcn", "ResNet-50-vd")],
 )
 def test_backbone_names_of_the_variants(variant, name):
-    text = info.backbone_name(FastInstConfig.from_variant(variant).backbone_config)
+    text = info.backbone_name(variant_config(variant).backbone_config)
     assert text.startswith(f"{name} ") or text.startswith(f"{name}-DCN")
 
 

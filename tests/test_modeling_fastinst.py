@@ -7,6 +7,7 @@ from conftest import FIXTURES, fixture_pixel_values, load_eval_fixture, load_tra
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, FastInstModel
 from fastinst_hf.conversion.official import convert_checkpoint
 from fastinst_hf.modeling_fastinst import FastInstDecoder, FastInstQueryProposal, attention_mask_from_masks
+from fastinst_hf.releases import variant_config
 
 # Relative tolerance `max|a-b| <= tol * max|ref|`, from the fixtures' README: 1e-4 per stage; the decoder end to end
 # is compared after checking that no attention-mask bit differs, so the same bound applies there.
@@ -283,7 +284,7 @@ def test_position_embedding_grid_is_independent_of_query_count():
 def test_official_variant_sizes(variant, expected_millions):
     """State-dict element counts (parameters + frozen-BN buffers) equal the sums of the official key shapes."""
     with torch.device("meta"):
-        model = FastInstForInstanceSegmentation(FastInstConfig.from_variant(variant))
+        model = FastInstForInstanceSegmentation(variant_config(variant))
     total = sum(t.numel() for t in model.state_dict().values())
     assert round(total / 1e6, 2) == expected_millions
 

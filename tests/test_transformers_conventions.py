@@ -36,6 +36,7 @@ from fastinst_hf.modeling_fastinst import (
     FastInstFeedForwardLayer,
     FastInstFrozenBatchNorm2d,
 )
+from fastinst_hf.releases import variant_config
 
 
 def tiny_config(**kwargs) -> FastInstConfig:
@@ -232,7 +233,7 @@ def test_backbone_is_a_sub_config(saved_folder):
     model = AutoModel.from_pretrained(saved_folder, attn_implementation="eager")
     assert model.config.backbone_config._attn_implementation == "eager"
     # a ResNet-vd backbone (not an AutoConfig type without this package) survives the dict round trip
-    config = FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn")
+    config = variant_config("fastinst-d1-r50-vd-dcn")
     assert isinstance(FastInstConfig.from_dict(config.to_dict()).backbone_config, FastInstResNetVdConfig)
 
 

@@ -52,11 +52,13 @@ def register_auto_classes() -> None:
     )
     from transformers.models.auto.modeling_auto import MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES
 
-    from .configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
+    from .configuration_fastinst import FastInstConfig
+    from .configuration_fastinst_resnet_vd import FastInstResNetVdConfig
     from .image_processing_fastinst import FastInstImageProcessor
     from .image_processing_pil_fastinst import FastInstImageProcessorPil
     from .modeling_fastinst import FastInstForInstanceSegmentation, FastInstModel, FastInstPreTrainedModel
     from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
+    from .releases import VARIANTS
 
     AutoConfig.register(FastInstConfig.model_type, FastInstConfig, exist_ok=True)
     AutoConfig.register(FastInstResNetVdConfig.model_type, FastInstResNetVdConfig, exist_ok=True)

@@ -23,7 +23,8 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import PreTrainedModel
 from transformers.utils import ModelOutput, logging
 
-from .configuration_fastinst import FastInstConfig, FastInstResNetVdConfig
+from .configuration_fastinst import FastInstConfig
+from .configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from .loss_fastinst import FastInstLoss, build_gt_attention_mask, validate_targets
 from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
 

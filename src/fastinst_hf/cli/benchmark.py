@@ -18,10 +18,10 @@ from ..benchmarks.runtimes import (
     format_table,
     run_benchmark,
 )
-from ..configuration_fastinst import VARIANTS, FastInstConfig
 from ..image_processing_fastinst import FastInstImageProcessor
 from ..inference.loading import load_model_and_processor
 from ..inference.resolve import DEMO_IMAGE_DIR
+from ..releases import VARIANTS, variant_config
 from ..utils.arguments import HelpFormatter
 from ..utils.device import select_device
 from ..utils.errors import InputError
@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(0)
         from .. import FastInstForInstanceSegmentation
 
-        model, processor = FastInstForInstanceSegmentation(FastInstConfig.from_variant(args.variant)), None
+        model, processor = FastInstForInstanceSegmentation(variant_config(args.variant)), None
     processor = processor or FastInstImageProcessor()
     result = run_benchmark(model, processor, _image(args.image), device, options)
     result["model"] = args.model or f"{args.variant} (random weights)"

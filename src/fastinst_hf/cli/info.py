@@ -68,10 +68,11 @@ def random_variant(name: str):
     """An official architecture with random weights (eval mode)."""
     import torch
 
-    from .. import FastInstConfig, FastInstForInstanceSegmentation
+    from .. import FastInstForInstanceSegmentation
+    from ..releases import variant_config
 
     torch.manual_seed(0)
-    return FastInstForInstanceSegmentation(FastInstConfig.from_variant(name)).eval()
+    return FastInstForInstanceSegmentation(variant_config(name)).eval()
 
 
 def origin_of(name: str | None, model_dir) -> str:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..utils.errors import InputError, one_line
 
-# The names of `configuration_fastinst.VARIANTS` (tests/test_cli.py keeps them equal), for the choices and help texts
+# The names of `releases.VARIANTS` (tests/test_cli.py keeps them equal), for the choices and help texts
 # of the parsers, which must not import transformers.
 VARIANT_NAMES = (
     "fastinst-d1-r50",

@@ -13,11 +13,13 @@ import torch
 import yaml
 from huggingface_hub.errors import StrictDataclassError
 
-from ..configuration_fastinst import OFFICIAL_RELEASE_URL, VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..configuration_fastinst import FastInstConfig
+from ..configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from ..hub.model_card import render_model_card
 from ..hub.push import push_model_to_hub
 from ..image_processing_fastinst import image_processor_for_config
 from ..modeling_fastinst import FastInstForInstanceSegmentation
+from ..releases import OFFICIAL_RELEASE_URL, VARIANTS, coco_labels, variant_config
 from ..utils.errors import InputError, one_line
 from ..utils.files import atomic_write_text
 
@@ -236,7 +238,7 @@ def _fastinst_config(cfg: dict, backbone_config, num_queries: int) -> FastInstCo
 
 def _labels_kwargs(num_classes: int) -> dict:
     if num_classes == 80:
-        return {}  # FastInstConfig defaults to the COCO class names
+        return coco_labels()
     return {"id2label": {i: f"class_{i}" for i in range(num_classes)}}
 
 
@@ -450,7 +452,7 @@ def convert_checkpoint(
     if config_file is not None:
         config = config_from_detectron2(config_file)
     elif variant is not None:
-        config = FastInstConfig.from_variant(variant)
+        config = variant_config(variant)
     official = load_official_checkpoint(checkpoint)
     try:
         model = FastInstForInstanceSegmentation(config)

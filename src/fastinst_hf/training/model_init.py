@@ -7,9 +7,10 @@ from pathlib import Path
 
 from huggingface_hub.errors import StrictDataclassError
 
-from ..configuration_fastinst import VARIANTS, FastInstConfig
+from ..configuration_fastinst import FastInstConfig
 from ..inference.loading import check_weights_files, load_pretrained
 from ..modeling_fastinst import FastInstForInstanceSegmentation
+from ..releases import VARIANTS, variant_config
 from ..utils.errors import InputError, one_line
 
 # Sizes that must be >= 1 (0 queries trains on NaN losses, a test size of 0 saves an unusable processor); the
@@ -43,7 +44,7 @@ def init_config(init: str, overrides: dict, **labels) -> FastInstConfig:
     if init == "config":
         return FastInstConfig(**overrides, **labels)
     if init in VARIANTS:
-        return FastInstConfig.from_variant(init, **overrides, **labels)
+        return variant_config(init, **overrides, **labels)
     return FastInstConfig.from_pretrained(init, **overrides)
 
 
@@ -96,7 +97,7 @@ def build_model(init: str, overrides: dict, id2label: dict[int, str], log=print)
     """The model to train, with the dataset's labels in its config.
 
     `init` is "config" or a variant name (random weights; the architecture from `FastInstConfig(**overrides)` /
-    `FastInstConfig.from_variant(init, **overrides)`), or a saved model folder (weights loaded, `overrides` applied
+    `variant_config(init, **overrides)`), or a saved model folder (weights loaded, `overrides` applied
     to the saved config). When the saved labels differ from `id2label`, the class-dependent layers (each prediction
     head's `class_predictor.layers.2` and `query_proposal.classifier`) are re-initialised and a notice is logged.
     """
