@@ -400,3 +400,20 @@ def test_other_transformers_backbone():
     assert output.masks_queries_logits.shape == (1, 20, 12, 16)
     config = FastInstConfig.from_dict(model.config.to_dict())
     assert config.backbone_config.model_type == "convnext"
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """`torch.compile(model)` (inductor) runs and gives the eager outputs; a second call reuses the compiled graph.
+    Slow: compiling takes 1-3 minutes on 2 CPU cores."""
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config(num_queries=10)).eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        expected = model(pixel_values)
+        compiled(pixel_values)
+        actual = compiled(pixel_values)
+    assert torch.equal(actual.proposal_indices, expected.proposal_indices)
+    for name in ("class_queries_logits", "masks_queries_logits", "transformer_decoder_last_hidden_state"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-4, atol=1e-4, msg=name)

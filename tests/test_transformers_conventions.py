@@ -76,9 +76,37 @@ def test_default_outputs_are_batch_first_tensors():
         "masks_queries_logits",
         "proposal_logits",
         "proposal_indices",
+        "encoder_last_hidden_state",
+        "pixel_decoder_last_hidden_state",
+        "transformer_decoder_last_hidden_state",
         "image_sizes",
     }
     assert all(isinstance(value, torch.Tensor) and value.shape[0] == 3 for value in output.values())
+
+
+def test_last_hidden_states_by_default_under_mask2former_names():
+    """Backbone's last map, the pixel features of the last mask head and the final queries, without asking; equal to
+    the last entries of the per-layer fields; the tuple output keeps the logits first."""
+    torch.manual_seed(0)
+    model = FastInstModel(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        output = model(pixel_values)
+        full = model(pixel_values, output_hidden_states=True)
+        as_tuple = model(pixel_values, return_dict=False)
+    assert len(as_tuple) == 7 and torch.equal(as_tuple[1], output.masks_queries_logits)
+    assert torch.equal(as_tuple[4], output.encoder_last_hidden_state)
+    assert output.encoder_last_hidden_state.shape == (2, 128, 2, 3)
+    assert output.pixel_decoder_last_hidden_state.shape == (2, 32, 8, 12)
+    assert output.transformer_decoder_last_hidden_state.shape == (2, 10 + 4, 32)
+    assert torch.equal(full.encoder_last_hidden_state, full.encoder_hidden_states[-1])
+    assert torch.equal(full.transformer_decoder_last_hidden_state, full.query_hidden_states[-1])
+    pixels = full.pixel_hidden_states[-1]  # [B, h*w, C]
+    assert torch.equal(full.pixel_decoder_last_hidden_state.flatten(2).transpose(1, 2), pixels)
+    # the masks are made from these pixel features and the final queries
+    head = model.decoder.prediction_heads[-1]
+    _, masks = head(full.transformer_decoder_last_hidden_state, pixels, (8, 12), predict_class=False)
+    torch.testing.assert_close(masks, full.masks_queries_logits)
 
 
 def test_optional_outputs_only_when_asked():

@@ -34,7 +34,7 @@ logger = logging.get_logger(__name__)
 @dataclass
 class FastInstModelOutput(ModelOutput):
     r"""
-    Every tensor is batch-first; the per-layer fields are only returned when asked for.
+    Every tensor is batch-first; the last hidden states are always returned, the per-layer fields only when asked for.
 
     class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
         Class logits of every instance query from the last prediction head; the last class is "no object".
@@ -47,6 +47,12 @@ class FastInstModelOutput(ModelOutput):
         Logits of the auxiliary classification head on E4 that guides the query selection.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
+    encoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_channels, height / 32, width / 32)`):
+        The backbone's last feature map (stride 32).
+    pixel_decoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 8, width / 8)`):
+        The stride-8 pixel features the last prediction head makes the masks from (after the last decoder layer).
+    transformer_decoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
+        The queries after the last decoder layer (the instance queries first, then the auxiliary ones).
     query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`, *optional*):
         Positional embeddings of the queries, returned with `output_hidden_states=True`.
     pixel_position_embeddings (`torch.FloatTensor` of shape `(batch_size, height / 8 * width / 8, hidden_dim)`, *optional*):
@@ -77,6 +83,9 @@ class FastInstModelOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_indices: torch.LongTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
+    transformer_decoder_last_hidden_state: torch.FloatTensor | None = None
     query_position_embeddings: torch.FloatTensor | None = None
     pixel_position_embeddings: torch.FloatTensor | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -90,7 +99,8 @@ class FastInstModelOutput(ModelOutput):
 @dataclass
 class FastInstForInstanceSegmentationOutput(ModelOutput):
     r"""
-    Every tensor is batch-first; the per-layer fields are only returned when asked for (see [`FastInstModelOutput`]).
+    Every tensor is batch-first; the last hidden states are always returned, the per-layer fields only when asked for
+    (see [`FastInstModelOutput`]).
     `loss_dict` comes last, and the configuration's `keys_to_ignore_at_inference` lists it, so that the Trainer's
     prediction tuple starts with the class and mask logits.
 
@@ -108,6 +118,8 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
         Logits of the instance-activation (proposal) classification head.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat stride-16 indices of the selected queries.
+    encoder_last_hidden_state, pixel_decoder_last_hidden_state, transformer_decoder_last_hidden_state:
+        As in [`FastInstModelOutput`] (Mask2Former's names).
     encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states, attentions, image_sizes:
         As in [`FastInstModelOutput`].
     loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
@@ -121,6 +133,9 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_indices: torch.LongTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
+    transformer_decoder_last_hidden_state: torch.FloatTensor | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -871,6 +886,9 @@ class FastInstModel(FastInstPreTrainedModel):
             auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
             proposal_logits=proposal_logits,
             proposal_indices=proposal_indices,
+            encoder_last_hidden_state=features[-1],
+            pixel_decoder_last_hidden_state=pixel_hidden_states[-1].transpose(1, 2).unflatten(2, pixel_map.shape[-2:]),
+            transformer_decoder_last_hidden_state=query_hidden_states[-1],
             query_position_embeddings=query_position if hidden else None,
             pixel_position_embeddings=pixel_position.expand(pixel_values.shape[0], -1, -1) if hidden else None,
             query_hidden_states=query_hidden_states if hidden else None,
@@ -945,6 +963,9 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             auxiliary_logits=auxiliary_logits if (output_auxiliary_logits or deep_supervision) else None,
             proposal_logits=outputs.proposal_logits,
             proposal_indices=outputs.proposal_indices,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states if hidden else None,
             pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states if hidden else None,
             query_hidden_states=outputs.query_hidden_states if hidden else None,
