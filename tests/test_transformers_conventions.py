@@ -171,7 +171,7 @@ def test_attention_maps_are_in_the_graph():
     for weights in output.attentions:
         weights.retain_grad()
     output.masks_queries_logits.sum().backward()
-    assert all(weights.grad is not None and weights.grad.abs().sum() > 0 for weights in output.attentions[:-1])
+    assert all(weights.grad is not None and weights.grad.abs().sum() > 0 for weights in output.attentions)
     cross = output.attentions[1]  # layer 0's masked cross-attention, under the mask of the initial head's masks
     assert (cross == 0).any() and not (cross == 0).all(dim=-1).any()
 
