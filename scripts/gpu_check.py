@@ -23,7 +23,8 @@ skipped, and a section passes when none of its cases fails or errs):
                must equal the uninterrupted run's (rel RESUME_REL[device]).
   large_image  a 4000x4000 image end to end (processor -> model -> bit-packed masks of every top-k instance):
                stage times and peak memory.
-The result goes to --json (written atomically) and, as Markdown tables, to stdout and next to it (OUT.md).
+The result goes to --json (written atomically after every section, `finished` true after the last) and, as
+Markdown tables, to stdout and next to it (OUT.md).
 
 --quick shrinks everything (toy configs, 64-px inputs, 2-4 training steps, a 512x512 "large" image, 3 timed runs):
 on CPU it runs the code of every section in well under a minute (tests/test_gpu_check.py). CPU specifics: fp16
@@ -942,8 +943,14 @@ def summary(case: dict) -> str:
 
 
 def run_check(
-    device: torch.device, quick: bool, sections: tuple[str, ...], skip: tuple[str, ...], launch=False
+    device: torch.device,
+    quick: bool,
+    sections: tuple[str, ...],
+    skip: tuple[str, ...],
+    launch: bool = False,
+    save: Callable[[dict], None] = lambda result: None,
 ) -> dict:
+    """Every section in turn; `save(result so far)` after each one, so that a run cut short keeps what it did."""
     bodies = {
         "correctness": correctness,
         "precision": precision,
@@ -957,9 +964,11 @@ def run_check(
         check = Check(device, quick, Path(workdir), skip, launch)
         for name in sections:
             check.run_section(name, bodies[name])
-    result.update(check.sections)
-    result["seconds"] = round(time.perf_counter() - start, 1)
-    result["status"] = "pass" if all(check.sections[s]["status"] == "pass" for s in sections) else "fail"
+            result.update(check.sections)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            result["status"] = "pass" if all(check.sections[s]["status"] == "pass" for s in check.sections) else "fail"
+            result["finished"] = name == sections[-1]
+            save(result)
     return result
 
 
@@ -986,13 +995,15 @@ def main(argv: list[str] | None = None) -> int:
         device = select_device(args.device)
     except Exception as error:
         parser.error(str(error))
-    result = run_check(device, args.quick, tuple(args.sections), tuple(args.skip), args.launch_training)
-    tables = format_tables(result)
-    print(tables)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
-        atomic_write_text(args.json.with_suffix(".md"), tables + "\n")
+
+    def save(result: dict) -> None:
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(args.json, json.dumps(result, indent=1, default=str) + "\n")
+            atomic_write_text(args.json.with_suffix(".md"), format_tables(result) + "\n")
+
+    result = run_check(device, args.quick, tuple(args.sections), tuple(args.skip), args.launch_training, save)
+    print(format_tables(result))
     return 0 if result["status"] == "pass" else 1
 
 

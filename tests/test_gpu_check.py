@@ -104,7 +104,7 @@ def test_quick_cpu_run_covers_every_section(gpu_check, tmp_path, capsys):
     table = (tmp_path / "out" / "check.md").read_text()
     assert "| section | case | status | result |" in table and "| fastinst-d1-r50 eager fp32 batch 1 |" in table
     assert table.strip() in printed
-    assert status == (0 if result["status"] == "pass" else 1)
+    assert result["finished"] and status == (0 if result["status"] == "pass" else 1)
 
 
 @pytest.mark.slow
