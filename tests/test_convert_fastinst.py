@@ -135,7 +135,7 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
     code = main(
         ["--checkpoint", str(tmp_path / "x.pth"), "--variant", "fastinst-d1-r50", "--output-dir", str(tmp_path)]
     )
-    assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert code == 2 and "--checkpoint: file not found" in capsys.readouterr().err
 
 
 def test_release_urls():
