@@ -113,7 +113,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     optim.add_argument("--lr-gamma", type=float, default=0.1, help="step schedule: lr factor at each step")
     optim.add_argument("--poly-power", type=float, default=0.9, help="poly schedule: exponent (detectron2: 0.9)")
     optim.add_argument("--warmup-steps", type=int, default=0, help="linear warm-up from 0 (upstream: none)")
-    optim.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), default="no")
+    optim.add_argument(
+        "--mixed-precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="default: the launcher's (`accelerate launch --mixed_precision`), else no",
+    )
     optim.add_argument("--clip-grad", type=float, help="max global gradient norm (upstream: off)")
     optim.add_argument("--seed", type=int, default=42, help=f"in [0, {MAX_SEED}]")
 
