@@ -5,10 +5,15 @@ import errno
 import io
 import json
 import os
+import re
+import runpy
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
+from fractions import Fraction
 from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -25,6 +30,7 @@ from fastinst_hf.data.synthetic import moving_shapes_frames
 from fastinst_hf.evaluation.coco_evaluator import CocoMaskEvaluator
 from fastinst_hf.inference import sources
 from fastinst_hf.inference.predictor import Predictor, segment_video
+from fastinst_hf.inference.sources import VideoSource
 from fastinst_hf.inference.video import VideoWriter
 
 FRAMES, FPS, SIZE = 16, 8, (256, 256)  # the embedded model's training image size
@@ -300,3 +306,70 @@ def test_predictor_predict_image_matches_its_stream_of_an_image(tmp_path, clip):
     (streamed,) = list(predictor.stream(tmp_path / "frame.png"))
     direct = predictor.predict_image(Image.open(tmp_path / "frame.png"))
     assert streamed.instances == direct.instances and (streamed.frame, streamed.time) == (0, 0.0)
+
+
+@pytest.mark.slow  # two processes, each importing torch and loading the model: a minute on a loaded 2-core machine
+def test_accelerate_launch_shares_the_inputs_between_processes(clip, tmp_path):
+    for index in range(3):
+        Image.fromarray(clip[1][index * 5][0]).save(tmp_path / f"frame{index}.png")
+    inputs = [str(tmp_path / f"frame{index}.png") for index in range(3)] + [str(clip[0])]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "src"), "OMP_NUM_THREADS": "1"}
+    env["ACCELERATE_USE_CPU"] = "1"
+    launch = ["accelerate", "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no", "-m", "fastinst_hf.cli", "predict", *inputs]
+    done = subprocess.run(
+        [*launch, "--output", str(tmp_path / "shared"), "--device", "cpu"], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("process: 1 of 2") == 1 and done.stdout.count("process: 2 of 2") == 1, done.stdout
+    for name in inputs:  # each input done by one process
+        assert sum(line.startswith(f"{name}:") for line in done.stdout.splitlines()) == 1, done.stdout
+    assert predict(*inputs, "--output", tmp_path / "single") == 0
+    single = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "shared").iterdir()) == single
+    for name in single:
+        if name.endswith(".json"):
+            shared, alone = (json.loads((tmp_path / d / name).read_text()) for d in ("shared", "single"))
+            assert shared["instances"] == alone["instances"], name
+        elif name.endswith(".jsonl"):
+            shared, alone = (read_lines(tmp_path / d / name) for d in ("shared", "single"))
+            assert [line["instances"] for line in shared] == [line["instances"] for line in alone], name
+
+
+def test_benchmark_video_prints_end_to_end_next_to_model_only_fps(tmp_path, capsys):
+    argv = ["benchmark", "--video", "--video-frames", "3", "--runs", "2", "--device", "cpu"]
+    assert main([*argv, "--json", str(tmp_path / "video.json")]) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"end-to-end [\d.]+ frames/s .* model-only [\d.]+ frames/s .* end-to-end / model-only", printed)
+    result = json.loads((tmp_path / "video.json").read_text())
+    assert result["frames"] == 3 and result["ratio"] > 0 and result["runtime"] == "folded+channels_last"
+
+
+def test_video_strip_script_writes_the_tracked_overlays_side_by_side(tmp_path, monkeypatch):
+    script = Path(__file__).parents[1] / "scripts" / "video_strip.py"
+    argv = [str(script), "--output", str(tmp_path / "strip.png"), "--frames", "4", "--step", "2"]
+    monkeypatch.setattr(sys, "argv", argv)
+    runpy.run_path(str(script), run_name="__main__")
+    assert Image.open(tmp_path / "strip.png").size == (2 * SIZE[1] + 6, SIZE[0])  # frames 1 and 3
+
+
+class FakeCamera(VideoSource):
+    """A live source that delivers 30 frames at once, far faster than the model takes them."""
+
+    def __init__(self):
+        self.live, self.rate, self.frames, self.error = True, Fraction(30), 0, None
+        self.clip = [image for image, _, _ in moving_shapes_frames(30, (64, 64))]
+
+    def __iter__(self):
+        for index, image in enumerate(self.clip):
+            yield index, index / 30, image
+
+    def close(self):
+        pass
+
+
+def test_a_live_source_gives_the_model_the_newest_frame_and_counts_the_dropped_ones():
+    predictor = Predictor(device="cpu")
+    frames = [result.frame for result in predictor.stream(FakeCamera())]
+    assert frames == sorted(set(frames)) and frames[-1] == 29 and len(frames) < 30
+    assert predictor.dropped == 30 - len(frames)
