@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..utils.errors import InputError
-
 
 def mask_boxes(masks) -> np.ndarray:
     """`(N, 4)` float `(x0, y0, x1, y1)` boxes (x1, y1 exclusive) of `(N, H, W)` non-empty bool masks."""
@@ -24,11 +22,9 @@ class InstanceTracker:
     """
 
     def __init__(self, fps: float, threshold: float, lost_seconds: float = 1.0):
-        try:
-            import supervision
-            from trackers import ByteTrackTracker
-        except ImportError as error:
-            raise InputError("--track needs the trackers package: pip install 'fastinst-hf[track]'") from error
+        import supervision  # a dependency of trackers (the optional `track` extra; `Predictor` checks it is there)
+        from trackers import ByteTrackTracker
+
         self._detections = supervision.Detections
         self._tracker = ByteTrackTracker(
             lost_track_buffer=max(1, round(fps * lost_seconds)),
@@ -41,14 +37,9 @@ class InstanceTracker:
     def update(self, masks, scores) -> list[int | None]:
         """Track ids of this frame's instances (`(N, H, W)` masks, `(N,)` scores), in their order; None for an
         instance the tracker left unmatched."""
-        if len(scores) == 0:
-            boxes = np.zeros((0, 4), dtype=np.float32)
-        else:
-            boxes = mask_boxes(masks)
-        index = np.arange(len(scores))
-        detections = self._detections(
-            xyxy=boxes, confidence=np.asarray(scores, dtype=np.float32), data={"index": index}
-        )
+        index = np.arange(len(scores))  # carried through: the tracker may reorder the detections
+        confidence = np.asarray(scores, dtype=np.float32)
+        detections = self._detections(xyxy=mask_boxes(masks), confidence=confidence, data={"index": index})
         tracked = self._tracker.update(detections)
         ids: list[int | None] = [None] * len(scores)
         for position, track_id in zip(tracked.data.get("index", ()), tracked.tracker_id):
