@@ -29,9 +29,9 @@ from collections.abc import Sequence
 
 from .. import __version__
 from ..utils.errors import InputError, one_line
-from . import benchmark, convert, evaluate, export, predict, train
+from . import benchmark, convert, demo, evaluate, export, predict, train
 
-COMMANDS = (predict, evaluate, benchmark, convert, train, export)
+COMMANDS = (predict, evaluate, benchmark, convert, train, export, demo)
 
 
 def version_line() -> str:
