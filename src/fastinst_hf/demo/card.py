@@ -26,12 +26,20 @@ def card_variant(card: str) -> str | None:
 
 
 def card_source(card: str) -> str | None:
-    """The card's first paragraph after its title (where `render_model_card` says where the weights come from)."""
+    """The first sentence of the card's first paragraph about its weights (`render_model_card` writes "Weights
+    converted from ...", the demo model's card "... trained from scratch ...")."""
     body = card.split("---", 2)[2] if card.startswith("---") and card.count("---") >= 2 else card
     paragraphs = [" ".join(p.split()) for p in body.split("\n\n") if p.strip() and not p.lstrip().startswith("#")]
-    if not paragraphs:
-        return None
-    return paragraphs[0].split(". ")[0].rstrip(".") + "."  # its first sentence
+    about = [p for p in paragraphs if re.search(r"\bweights\b|\btrained\b", p, flags=re.IGNORECASE)]
+    return about[0].split(". ")[0].rstrip(".") + "." if about else None
+
+
+def model_line(model_dir: Path, variant: str | None) -> str:
+    if is_demo_model(model_dir):
+        return "**Model:** `default`, the demo model bundled with the package (`fastinst_hf.DEFAULT_MODEL`)"
+    if variant:
+        return f"**Model:** `{model_dir}`: official `{variant}` (COCO mask AP {VARIANTS[variant]['coco_val_ap']})"
+    return f"**Model:** `{model_dir}`"
 
 
 def card_facts(model_dir: Path, config) -> str:
@@ -43,8 +51,7 @@ def card_facts(model_dir: Path, config) -> str:
     labels = [config.id2label[k] for k in sorted(config.id2label, key=int)]
     shown = ", ".join(labels[:12]) + (f", ... ({len(labels)} in all)" if len(labels) > 12 else "")
     facts = [
-        f"**Model:** `{model_dir}`"
-        + (f" (official `{variant}`, COCO mask AP {VARIANTS[variant]['coco_val_ap']})" if variant else ""),
+        model_line(model_dir, variant),
         f"**Backbone:** {_describe_backbone(config)}; {config.decoder_layers} decoder layers, {config.num_queries} queries",
         f"**Classes ({len(labels)}):** {shown}",
         f"**Weights:** {card_source(card) or 'no model card (README.md) in the folder'}",
