@@ -686,6 +686,32 @@ def post_process_instances_single(
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
+def packed_instances_single(
+    class_logits, mask_logits, resized_size, output_size, threshold, mask_threshold, num_detections, duplicate_iou
+) -> dict:
+    """One image of `post_process_instance_segmentation(..., return_packed_masks=True)`: each distinct query's mask
+    made once and bit-packed as it is made (never all of them as bytes)."""
+    packed = []
+
+    def pack(masks):
+        packed.extend(np.packbits(mask.cpu().numpy()) for mask in masks)
+
+    args = (resized_size, output_size, threshold, mask_threshold, num_detections)
+    instance = instance_inference_single(
+        class_logits, mask_logits, *args, keep_masks=False, mask_sink=pack, duplicate_iou_threshold=duplicate_iou
+    )
+    non_empty = instance["areas"] > 0
+    scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
+    segments_info = [
+        {"id": index, "label_id": label, "was_fused": False, "score": score}
+        for index, (label, score) in enumerate(zip(labels, scores))
+    ]
+    return {
+        "segmentation": [packed[i] for i in instance["mask_indices"][non_empty].tolist()],
+        "segments_info": segments_info,
+    }
+
+
 class FastInstImageProcessingMixin:
     """Backend-independent parts of the FastInst image processors: input checks, targets and post-processing."""
 
@@ -1003,6 +1029,7 @@ class FastInstImageProcessingMixin:
         return_binary_maps: bool | None = False,
         num_detections: int | None = None,
         image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_packed_masks: bool = False,
     ) -> list[dict]:
         """
         Converts [`FastInstForInstanceSegmentation`] outputs into instance segmentation predictions, in the format of
@@ -1024,6 +1051,9 @@ class FastInstImageProcessingMixin:
             num_detections (`int`, *optional*): top-k size, defaults to `self.num_detections` (100).
             image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
                 [`~FastInstImageProcessor.instance_inference`] for how it is inferred when absent.
+            return_packed_masks (`bool`): return `segmentation` as a list with each instance's `(H, W)` bool mask
+                bit-packed (`np.packbits` of the flattened mask), in `segments_info` order; each mask is packed as
+                it is made, so many instances of a large image fit in memory.
 
         Returns:
             `list[dict]`, one per image:
@@ -1032,11 +1062,17 @@ class FastInstImageProcessingMixin:
             - **segments_info** -- list of `{"id", "label_id", "was_fused" (always False), "score"}`, by descending
               score; `id` is the index in this list.
         """
-        if return_coco_annotation and return_binary_maps:
-            raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
+        if sum(map(bool, (return_coco_annotation, return_binary_maps, return_packed_masks))) > 1:
+            raise ValueError("Set at most one of return_coco_annotation, return_binary_maps and return_packed_masks.")
         class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
         check_logits(class_logits, mask_logits)
         num_detections = self.num_detections if num_detections is None else num_detections
+        sizes = self._mask_sizes(outputs, target_sizes, image_sizes)
+        if return_packed_masks:
+            args = (threshold, mask_threshold, num_detections, self.duplicate_iou_threshold)
+            return [
+                packed_instances_single(class_logits[i], mask_logits[i], *size, *args) for i, size in enumerate(sizes)
+            ]
         return [
             post_process_instances_single(
                 class_logits[i],
@@ -1050,7 +1086,7 @@ class FastInstImageProcessingMixin:
                 return_binary_maps,
                 self.duplicate_iou_threshold,
             )
-            for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
+            for i, (resized_size, output_size) in enumerate(sizes)
         ]
 
 
