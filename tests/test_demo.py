@@ -192,6 +192,17 @@ def test_webcam_frames_are_segmented_with_the_achieved_frame_rate():
     assert achieved > 0 and len(state["done"]) >= 2  # the frames of the last FPS_WINDOW_S
 
 
+def test_video_outputs_of_old_requests_are_removed(monkeypatch):
+    from fastinst_hf.demo import app
+
+    monkeypatch.setattr(app, "KEPT_VIDEO_JOBS", 2)
+    runner = app.DemoRunner(predictor=None)
+    folders = [runner._job_folder() for _ in range(3)]
+    assert [folder.is_dir() for folder in folders] == [False, True, True]
+    for folder in folders[1:]:
+        folder.rmdir()
+
+
 def test_space_app_builds_the_app_with_the_embedded_model(monkeypatch):
     monkeypatch.setenv("FASTINST_MODEL", "default")
     spec = importlib.util.spec_from_file_location("space_app", REPO / "spaces" / "app.py")

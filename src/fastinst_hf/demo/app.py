@@ -8,6 +8,7 @@ its cores.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import threading
 import time
@@ -30,6 +31,7 @@ MAX_VIDEO_FRAMES = 900  # the video tab segments at most this many frames of a c
 TABLE_HEADERS = ["id", "label", "score", "box (x, y, w, h)", "area"]
 STAGES = ("preprocess", "inference", "postprocess")
 FPS_WINDOW_S = 2.0  # the webcam's achieved frames/s is counted over the last seconds
+KEPT_VIDEO_JOBS = 8  # output folders of the last video requests kept (gradio copies each into its cache)
 
 
 def stage_line(timings: dict) -> str:
@@ -72,6 +74,7 @@ class DemoRunner:
     def __init__(self, predictor: Predictor):
         self.predictor = predictor
         self.lock = threading.Lock()
+        self.video_jobs: deque[Path] = deque()
 
     def configure(self, threshold: float, track: bool = False) -> None:
         if not 0.0 <= float(threshold) <= 1.0:
@@ -99,7 +102,7 @@ class DemoRunner:
         for a video."""
         if not path:
             raise gr.Error("no video: upload a clip")
-        stem = Path(tempfile.mkdtemp(prefix="fastinst_demo_")) / Path(path).stem
+        stem = self._job_folder() / Path(path).stem
         try:
             with self.lock:
                 self.configure(threshold, track)
@@ -113,6 +116,16 @@ class DemoRunner:
             f"{f' (the first {MAX_VIDEO_FRAMES})' if frames == MAX_VIDEO_FRAMES else ''} · mean {stage_line(mean)}"
         )
         return str(outputs.video_path), str(outputs.jsonl_path), summary
+
+    def _job_folder(self) -> Path:
+        """A new temporary folder for a video's outputs; the oldest beyond `KEPT_VIDEO_JOBS` are removed, so that a
+        long-running app does not fill the disk."""
+        folder = Path(tempfile.mkdtemp(prefix="fastinst_demo_"))
+        with self.lock:
+            self.video_jobs.append(folder)
+            while len(self.video_jobs) > KEPT_VIDEO_JOBS:
+                shutil.rmtree(self.video_jobs.popleft(), ignore_errors=True)
+        return folder
 
     def _segment_video(self, video: VideoSource, stem: Path, progress) -> tuple[VideoOutputs, list[dict]]:
         """Segment up to `MAX_VIDEO_FRAMES` frames of `video` into `<stem>_overlay.mp4` + `<stem>.jsonl`; returns
