@@ -30,7 +30,8 @@ MAX_IMAGE_PIXELS = 40_000_000  # a 8000 x 5000 photo; larger ones are refused (m
 MAX_VIDEO_FRAMES = 900  # the video tab segments at most this many frames of a clip (30 s at 30 fps)
 TABLE_HEADERS = ["id", "label", "score", "box (x, y, w, h)", "area"]
 STAGES = ("preprocess", "inference", "postprocess")
-FPS_WINDOW_S = 2.0  # the webcam's achieved frames/s is counted over the last seconds
+FPS_WINDOW_S = 2.0  # the webcam's achieved frames/s is counted over the last seconds (at least the last 2 frames)
+KEPT_WEBCAM_SESSIONS = 64  # browser sessions whose webcam frame times are kept
 KEPT_VIDEO_JOBS = 8  # output folders of the last video requests kept (gradio copies each into its cache)
 
 
@@ -75,6 +76,7 @@ class DemoRunner:
         self.predictor = predictor
         self.lock = threading.Lock()
         self.video_jobs: deque[Path] = deque()
+        self.webcam_times: dict[str, deque[float]] = {}
 
     def configure(self, threshold: float, track: bool = False) -> None:
         if not 0.0 <= float(threshold) <= 1.0:
@@ -150,23 +152,32 @@ class DemoRunner:
                 outputs.close()
         return outputs, timings
 
-    def webcam(self, frame, threshold: float, state: dict | None):
-        """Webcam tab: one streamed frame (RGB array) -> (overlay, achieved-fps line, state)."""
-        state = state or {"done": deque()}
+    def webcam(self, frame, threshold: float, request: gr.Request = None):
+        """Webcam tab: one streamed frame (RGB array) -> (overlay, achieved-fps line). The completion times are
+        kept per browser session (gradio's session hash)."""
         if frame is None:
-            return None, "waiting for the camera", state
+            return None, "waiting for the camera"
         with self.lock:
             self.configure(threshold)
             result = self.predictor.predict_image(Image.fromarray(frame))
             overlay = result.overlay
-        now = time.perf_counter()
-        done = state["done"]
-        done.append(now)
-        while done and now - done[0] > FPS_WINDOW_S:
-            done.popleft()
-        achieved = (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
+        achieved = self._frame_done(request.session_hash if request is not None else "")
         line = f"achieved {achieved:.1f} frames/s · {len(result.instances)} instance(s) · {stage_line(result.timings)}"
-        return overlay, line, state
+        return overlay, line
+
+    def _frame_done(self, session: str) -> float:
+        """Record a finished frame of `session`; returns its frames/s over the last `FPS_WINDOW_S` (at least the
+        last two frames, for a model slower than the window)."""
+        now = time.perf_counter()
+        with self.lock:
+            done = self.webcam_times.pop(session, None) or deque()
+            self.webcam_times[session] = done  # most recent session last
+            while len(self.webcam_times) > KEPT_WEBCAM_SESSIONS:
+                self.webcam_times.pop(next(iter(self.webcam_times)))
+        done.append(now)
+        while len(done) > 2 and now - done[0] > FPS_WINDOW_S:
+            done.popleft()
+        return (len(done) - 1) / (done[-1] - done[0]) if len(done) > 1 else 0.0
 
 
 def build_app(model=None, device: str = "auto", predictor: Predictor | None = None) -> gr.Blocks:
@@ -233,22 +244,22 @@ def video_tab(runner: DemoRunner) -> None:
 
 def webcam_tab(runner: DemoRunner) -> None:
     gr.Markdown(
-        "Each camera frame is segmented as it comes; while the model is busy, new frames are dropped, not queued, "
-        "so the overlay stays live."
+        "Each camera frame is segmented as it comes; while the model is busy only the newest frame waits, the others "
+        "are dropped, not queued, so the overlay stays live."
     )
     with gr.Row():
         camera = gr.Image(sources=["webcam"], streaming=True, type="numpy", label="camera")
         overlay = gr.Image(type="pil", label="overlay")
     threshold = threshold_slider()
     rate = gr.Markdown()
-    state = gr.State()
-    # trigger_mode "once": a frame that arrives while the previous one is being segmented is not submitted.
+    # trigger_mode "always_last": while a frame is being segmented, only the newest frame waits (the others are
+    # dropped), so the overlay follows the camera instead of a growing queue.
     camera.stream(
         runner.webcam,
-        [camera, threshold, state],
-        [overlay, rate, state],
+        [camera, threshold],
+        [overlay, rate],
         stream_every=0.05,
-        trigger_mode="once",
+        trigger_mode="always_last",
         concurrency_limit=1,
         api_name="segment_webcam_frame",
     )
