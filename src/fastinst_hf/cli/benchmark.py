@@ -69,10 +69,44 @@ def add_parser(commands) -> None:
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")
+    parser.add_argument(
+        "--video",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CLIP",
+        help="instead: end-to-end video frames/s (predict's decode + model + overlay + H.264 + JSONL) next to "
+        "model-only frames/s on the same frames, with --model (default: the embedded model) and predict's default "
+        "runtime; CLIP defaults to a synthetic clip of --video-frames frames",
+    )
+    parser.add_argument("--video-frames", type=int, default=60, help="frames of the synthetic --video clip")
     parser.set_defaults(run=run)
 
 
+def run_video(args: argparse.Namespace) -> int:
+    from ..benchmarks.video import format_video_result, run_video_benchmark
+    from ..inference.predictor import Predictor
+
+    clip = Path(args.video) if args.video else None
+    if clip is not None and not clip.is_file():
+        raise InputError(f"--video: no such file {clip}")
+    if args.video_frames < 1:
+        raise InputError(f"--video-frames must be >= 1, got {args.video_frames}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictor = Predictor(args.model, args.device)
+    result = run_video_benchmark(predictor, clip, args.video_frames, rounds=max(1, args.runs // 2))
+    result["model"] = str(predictor.model_dir)
+    print(f"model: {result['model']}")
+    print(format_video_result(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.video is not None:
+        return run_video(args)
     if args.table_from:
         try:
             result = json.loads(Path(args.table_from).read_text())

@@ -187,6 +187,12 @@ class Predictor:
 
         return InstanceTracker(fps, self.threshold)
 
+    def predict_frame(self, rgb: np.ndarray, frame: int = 0, frame_time: float = 0.0) -> FrameResult:
+        """Segment one `(H, W, 3)` uint8 RGB video frame (preprocess + network + post-processing, untracked)."""
+        start = time.perf_counter()
+        inputs = self.preprocess(rgb)
+        return self._frame_result(frame, frame_time, rgb, inputs, (time.perf_counter() - start) * 1000, None)
+
     def _frame_result(self, index, frame_time, rgb, inputs, preprocess_ms, tracker) -> FrameResult:
         start = time.perf_counter()
         outputs = self.inference(inputs["pixel_values"], inputs["pixel_mask"])

@@ -102,8 +102,15 @@ def _open_container(spec: str):
         options["rtsp_transport"] = "tcp"  # UDP loses packets through NAT and firewalls
     try:
         return av.open(file, format=format_name, options=options, timeout=(OPEN_TIMEOUT_S, READ_TIMEOUT_S))
+    except av.EOFError as error:
+        raise InputError(f"cannot read video {spec}: it ends before its first frame (no frames)") from error
     except (av.FFmpegError, OSError) as error:
-        raise InputError(f"cannot read video {spec}: {one_line(error)}") from error
+        raise InputError(f"cannot read video {spec}: {ffmpeg_message(error)}") from error
+
+
+def ffmpeg_message(error: BaseException) -> str:
+    """FFmpeg's message without the errno and file name PyAV adds around it."""
+    return one_line(getattr(error, "strerror", None) or error)
 
 
 class VideoSource:
@@ -144,7 +151,9 @@ class VideoSource:
                 start = time if start is None else start
                 yield index, round(float(time - start), 6), frame.to_ndarray(format="rgb24")
         except (av.FFmpegError, OSError) as error:
-            self.error = one_line(error)
+            self.error = ffmpeg_message(error)
+        if not self.live and self.error is None and 0 <= index < self.frames - 2:  # (duration-based count: +-1)
+            self.error = f"the clip ends after {index + 1} of its {self.frames} frames (truncated?)"
         if index < 0:
             reason = f": {self.error}" if self.error else ""
             raise InputError(f"cannot read video {self.source.spec}: no frame could be decoded{reason}")
