@@ -41,13 +41,14 @@ from ..utils.errors import InputError, one_line
 
 # The commands and their one-line summaries for `fastinst-hf --help`, in that order.
 COMMANDS = {
-    "predict": "segment images; writes <stem>_overlay.png and <stem>.json per image",
+    "predict": "segment images, videos, URLs and webcams; writes overlays and JSON / JSONL",
     "evaluate": "COCO mask AP (or Boundary AP) and per-image time on a COCO-format dataset",
     "benchmark": "time runtimes and precisions side by side",
     "convert": "convert an official checkpoint to a transformers folder",
     "train": "train on a COCO-format dataset (`accelerate launch -m fastinst_hf.cli train ...` for data-parallel)",
     "export": "export the model to ONNX (dynamic batch, height and width)",
     "info": "parameters, FLOPs, input size, classes, backbone and origin of a model",
+    "demo": "the Gradio demo app: images, videos and the webcam in the browser",
 }
 
 

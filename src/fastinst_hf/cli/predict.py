@@ -29,7 +29,6 @@ from ..inference.runtimes import AUTO, RUNTIMES
 from ..utils.arguments import HelpFormatter
 from ..utils.errors import InputError, one_line
 from ..utils.files import atomic_path, atomic_write_text, check_output_folder
-from ..utils.images import load_image, unique_stems
 from .options import add_device_argument, add_model_argument
 
 DEFAULT_OUTPUT_DIR = "fastinst_predictions"
@@ -74,7 +73,7 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def check_arguments(args: argparse.Namespace) -> None:
+def validate(args: argparse.Namespace) -> None:
     if not 0.0 <= args.threshold <= 1.0:
         raise InputError(f"--threshold must be in [0, 1], got {args.threshold}")
     for option in ("max_instances", "batch_size", "vid_stride"):
@@ -86,8 +85,8 @@ def check_arguments(args: argparse.Namespace) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..inference.predictor import Predictor
     from ..inference.sources import collect_sources
+    from ..utils.images import unique_stems
 
-    check_arguments(args)
     sources = collect_sources(args.sources)
     jobs = list(zip(sources, unique_stems([Path(source.name) for source in sources])))
     output_dir = check_output_folder(args.output, "--output")
@@ -166,6 +165,8 @@ def batches(jobs: list, batch_size: int) -> list[list]:
 def predict_and_write_images(predictor, batch, output_dir: Path, args, tally: Tally) -> None:
     """Read, segment and write the `(source, stem)` image pairs of `batch`. Unreadable or unsegmentable images are
     named on stderr and added to the tally's failures."""
+    from ..utils.images import load_image
+
     loaded = []
     for source, stem in batch:
         try:
