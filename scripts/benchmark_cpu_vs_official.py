@@ -4,7 +4,7 @@ machine and compare ratios; shared machines drift by up to ~30 % between runs).
 
 Method (identical to bench_official.py; does not import detectron2):
   * torch.set_num_threads(2); model.eval(); everything under torch.no_grad().
-  * random weights from `FastInstConfig.from_variant(...)` (timing does not depend on the values).
+  * random weights from `fastinst_hf.releases.variant_config(...)` (timing does not depend on the values).
   * input: a 480x640 RGB photo (skimage astronaut, rows 64:448, PIL-bilinear resized to 480x640), resized to the
     variant's test size with detectron2's ResizeShortestEdge rule and PIL bilinear on uint8, OUTSIDE the timed
     region (upstream's "full" excludes resizing too).
@@ -35,9 +35,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.image_processing_fastinst import get_fastinst_output_image_size
 from fastinst_hf.image_processing_pil_fastinst import FastInstImageProcessorPil
+from fastinst_hf.releases import variant_config
 
 CONFIGS = {
     "d1": ("fastinst-d1-r50", "D1 R50 ppm-fpn x1 576"),
@@ -121,7 +122,7 @@ def decoder_stage(base, multi_scale):
 def bench(key, warmup, runs, image=None, config=None):
     """Times one variant of `CONFIGS` (or `config`, e.g. a tiny one for the smoke test) as bench_official.py."""
     variant, label = CONFIGS[key]
-    config = FastInstConfig.from_variant(variant) if config is None else config
+    config = variant_config(variant) if config is None else config
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(config).eval()
     base = model.model

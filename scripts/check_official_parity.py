@@ -74,8 +74,8 @@ class Table:
         """Float comparison: max abs diff and relative (to max |ref|)."""
         if ours is None or ref is None:
             return
-        ours = ours.detach().to(torch.float64)
-        ref = ref.detach().to(torch.float64)
+        ours = ours.detach().cpu().to(torch.float64)  # the model may run on CUDA (scripts/gpu_check.py)
+        ref = ref.detach().cpu().to(torch.float64)
         if ours.shape != ref.shape:
             self._row(name, "SHAPE", f"{tuple(ours.shape)} vs {tuple(ref.shape)}", "", tol, False)
             return
@@ -261,15 +261,16 @@ def compare_losses(model, folder: Path, pixel_values: torch.Tensor, table: Table
             )
         return draw.clone().to(kwargs.get("device") or "cpu")
 
+    device = pixel_values.device  # the model's (scripts/gpu_check.py runs this on CUDA)
     gt_masks = fixture["gt_masks"].float()
-    padded = torch.zeros(gt_masks.shape[0], *pixel_values.shape[-2:])
+    padded = torch.zeros(gt_masks.shape[0], *pixel_values.shape[-2:], device=device)
     padded[:, : gt_masks.shape[1], : gt_masks.shape[2]] = gt_masks
     autograd = bool(fixture.get("autograd_enabled", True))
     torch.rand = replay_rand
     model.train()
     try:
         with torch.set_grad_enabled(autograd):
-            out = model(pixel_values, mask_labels=[padded], class_labels=[fixture["gt_labels"]])
+            out = model(pixel_values, mask_labels=[padded], class_labels=[fixture["gt_labels"].to(device)])
     finally:
         torch.rand = original_rand
         model.eval()

@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 from accelerate.utils import set_seed
 
+from fastinst_hf.cli.train import parse_args
 from fastinst_hf.data.coco import coco_categories
 from fastinst_hf.data.synthetic import make_nuclei_dataset, make_shapes_dataset, split_coco
 from fastinst_hf.evaluation.coco_mask_ap import load_coco_metric
 from fastinst_hf.evaluation.loop import build_eval_dataloader, build_eval_dataset, evaluate
 from fastinst_hf.image_processing_fastinst import image_processor_for_config
-from fastinst_hf.training.arguments import parse_args
 from fastinst_hf.training.loop import train
 from fastinst_hf.training.model_init import build_model
 

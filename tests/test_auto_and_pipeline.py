@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from conftest import FIXTURES, load_eval_fixture
 from PIL import Image
 from transformers import (
@@ -20,6 +21,7 @@ from transformers import (
 
 import fastinst_hf
 from fastinst_hf.conversion.official import convert_checkpoint, save_converted
+from fastinst_hf.releases import COCO_THING_CLASSES
 
 VARIANT = "d1_r50slim_small"
 
@@ -63,11 +65,13 @@ def test_saved_folder_carries_code_and_auto_map(converted_dir):
     }
     for name in (
         "configuration_fastinst.py",
+        "configuration_fastinst_resnet_vd.py",
         "modeling_fastinst.py",
         "loss_fastinst.py",
         "modeling_fastinst_resnet_vd.py",
         "image_processing_fastinst.py",
         "image_processing_pil_fastinst.py",
+        "mask_resizing_fastinst.py",
     ):
         assert (converted_dir / name).is_file(), name
 
@@ -88,7 +92,7 @@ def test_pipeline_instance_subtask_matches_official_instances(converted_dir, ima
     top = max(results, key=lambda r: r["score"])
     assert abs(top["score"] - official["instances.scores"][best].item()) < 1e-4
     label = official["instances.pred_classes"][best].item()
-    assert top["label"] == fastinst_hf.FastInstConfig().id2label[label]
+    assert top["label"] == COCO_THING_CLASSES[label]
     ours, theirs = np.array(top["mask"]) > 0, official["instances.pred_masks"][best].numpy()
     assert (ours & theirs).sum() / (ours | theirs).sum() >= 0.999
 
@@ -101,17 +105,39 @@ def test_pipeline_instance_subtask_matches_official_instances(converted_dir, ima
     assert len(batch) == 2 and len(batch[1]) == len(results)
 
 
-def test_pipeline_without_subtask_answers_as_instance_model(converted_dir, image):
+def test_pipeline_instance_threshold_and_default_subtask(converted_dir, image):
     segmenter = pipeline("image-segmentation", model=str(converted_dir), trust_remote_code=False)
-    default = segmenter(image, threshold=0.0)
     instance = segmenter(image, subtask="instance", threshold=0.0)
-    assert [r["score"] for r in default] == pytest.approx([r["score"] for r in instance])
     # The pipeline's default threshold (0.9) keeps exactly the instances scoring at least 0.9.
     expected = [r["score"] for r in instance if r["score"] >= 0.9]
-    assert [r["score"] for r in segmenter(image)] == pytest.approx(expected)
-    assert [r["score"] for r in segmenter(image, threshold=0.1)] == pytest.approx(
+    assert [r["score"] for r in segmenter(image, subtask="instance")] == pytest.approx(expected)
+    assert [r["score"] for r in segmenter(image, subtask="instance", threshold=0.1)] == pytest.approx(
         [r["score"] for r in instance if r["score"] >= 0.1]
     )
+    # Without a subtask the pipeline asks for panoptic results first, as for Mask2Former.
+    default = segmenter(image, threshold=0.1)
+    panoptic = segmenter(image, subtask="panoptic", threshold=0.1)
+    assert [r["score"] for r in default] == pytest.approx([r["score"] for r in panoptic]) and default
+
+
+def test_pipeline_semantic_and_panoptic_subtasks(converted_dir, image):
+    segmenter = pipeline("image-segmentation", model=str(converted_dir), trust_remote_code=False)
+    processor = AutoImageProcessor.from_pretrained(converted_dir)
+    model = AutoModelForImageSegmentation.from_pretrained(converted_dir).eval()
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    target = [image.size[::-1]]
+    semantic = segmenter(image, subtask="semantic")
+    (classes,) = processor.post_process_semantic_segmentation(outputs, target_sizes=target)
+    assert [r["label"] for r in semantic] == [model.config.id2label[int(k)] for k in classes.unique()]
+    assert all(r["score"] is None and r["mask"].size == image.size for r in semantic)
+    panoptic = segmenter(image, subtask="panoptic", threshold=0.1, overlap_mask_area_threshold=0.8)
+    (expected,) = processor.post_process_panoptic_segmentation(outputs, threshold=0.1, target_sizes=target)
+    assert [r["score"] for r in panoptic] == pytest.approx([s["score"] for s in expected["segments_info"]])
+    assert panoptic and all(r["mask"].size == image.size for r in panoptic)
+    # Panoptic segments do not overlap.
+    masks = np.stack([np.array(r["mask"]) > 0 for r in panoptic])
+    assert masks.sum(0).max() == 1
 
 
 def test_trust_remote_code_without_the_package(converted_dir, image, tmp_path):
@@ -150,6 +176,8 @@ def test_trust_remote_code_without_the_package(converted_dir, image, tmp_path):
         assert type(pil).__name__ == "FastInstImageProcessorPil", type(pil)
         segmenter = pipeline("image-segmentation", model=folder, trust_remote_code=True)
         results = segmenter(Image.open({str(image_path)!r}), subtask="instance", threshold=0.0)
+        assert segmenter(Image.open({str(image_path)!r}), subtask="panoptic", threshold=0.1)
+        assert segmenter(Image.open({str(image_path)!r}), subtask="semantic")
         print(len(results), max(r["score"] for r in results))
         """
     )

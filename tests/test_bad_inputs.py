@@ -92,7 +92,7 @@ class Env:
         for i in range(images):
             self.image(f"data/img{i}.png", random_image(seed=i))
         (self.root / "data").mkdir(exist_ok=True)
-        text = data if isinstance(data, str) else json.dumps(data)
+        text = data if isinstance(data, (str, bytes)) else json.dumps(data)
         return [self.file("data/coco.json", text), str(self.root / "data")]
 
     def model_variant(self, edit: Callable[[Path], None]) -> str:
@@ -128,6 +128,52 @@ def edit_config(**changes) -> Callable[[Path], None]:
 def truncate(folder: Path) -> None:
     data = (folder / "model.safetensors").read_bytes()
     (folder / "model.safetensors").write_bytes(data[: len(data) // 2])
+
+
+def garbage_weights(folder: Path) -> None:
+    (folder / "model.safetensors").write_bytes(b"\xff" * 4096)
+
+
+def edit_processor(**changes) -> Callable[[Path], None]:
+    def edit(folder: Path) -> None:
+        settings = json.loads((folder / "preprocessor_config.json").read_text())
+        settings.update(changes)
+        (folder / "preprocessor_config.json").write_text(json.dumps(settings))
+
+    return edit
+
+
+def with_model(build: Callable[[Env], list[str]], edit: Callable[[Path], None]) -> Callable[[Env], list[str]]:
+    """`build`'s command line with `--model` (or train's `--init`) set to a copy of the tiny model changed by `edit`."""
+
+    def args(env: Env) -> list[str]:
+        argv = build(env)
+        return [*argv, "--init" if argv[0] == "train" else "--model", env.model_variant(edit)]
+
+    return args
+
+
+FIXTURE_YAML = Path(__file__).parent / "fixtures" / "d1_r50slim_small" / "config.yaml"
+FIXTURE_CHECKPOINT = FIXTURE_YAML.with_name("model_state_dict.pt")
+
+
+def convert_yaml(files: dict[str, str | bytes], main_file: str = "main.yaml") -> Callable[[Env], list[str]]:
+    """`convert --config` of YAML files written into the case folder (`files`: name -> text)."""
+
+    def build(env: Env) -> list[str]:
+        for name, text in files.items():
+            env.file(f"yaml/{name}", text)
+        config = str(env.root / "yaml" / main_file)
+        output = str(env.root / "converted")
+        return ["convert", "--checkpoint", str(FIXTURE_CHECKPOINT), "--config", config, "--output-dir", output]
+
+    return build
+
+
+def fixture_yaml(old: str, new: str) -> str:
+    text = FIXTURE_YAML.read_text()
+    assert old in text
+    return text.replace(old, new)
 
 
 def exif_rotated(env: Env, name: str) -> str:
@@ -189,7 +235,9 @@ def uint16_png(env: Env) -> str:
     return env.image("gray16.png", Image.fromarray(np.full((40, 56), 50000, dtype=np.uint16)))
 
 
-def evaluate(data: dict | str | None = None, images: int = 2, options: tuple = ()) -> Callable[[Env], list[str]]:
+def evaluate(
+    data: dict | str | bytes | None = None, images: int = 2, options: tuple = ()
+) -> Callable[[Env], list[str]]:
     def build(env: Env) -> list[str]:
         json_file, folder = env.dataset(coco() if data is None else data, images)
         return ["evaluate", "--coco-json", json_file, "--images", folder, "--model", str(env.model), *options]
@@ -197,7 +245,7 @@ def evaluate(data: dict | str | None = None, images: int = 2, options: tuple = (
     return build
 
 
-def train(data: dict | str | None = None, options: tuple = ()) -> Callable[[Env], list[str]]:
+def train(data: dict | str | bytes | None = None, options: tuple = ()) -> Callable[[Env], list[str]]:
     def build(env: Env) -> list[str]:
         json_file, folder = env.dataset(coco() if data is None else data)
         config = json.dumps({"num_queries": 10, "test_shortest_edge": 64, "test_longest_edge": 96})
@@ -347,8 +395,22 @@ CASES = [
         "truncated model.safetensors",
         predict(GOOD),
         2,
-        "could not load the model",
+        "model/model.safetensors is not a complete safetensors file",
         model=lambda env: env.model_variant(truncate),
+    ),
+    Case(
+        "garbage model.safetensors",
+        predict(GOOD),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+        model=lambda env: env.model_variant(garbage_weights),
+    ),
+    Case(
+        "invalid size in preprocessor_config.json",
+        predict(GOOD),
+        2,
+        "model/preprocessor_config.json: the image processor settings are unusable",
+        model=lambda env: env.model_variant(edit_processor(size={"shortest_edge": -5})),
     ),
     Case(
         "no weights file",
@@ -375,6 +437,7 @@ CASES = [
     ),
     # evaluate
     Case("evaluate: good data", evaluate(), 0),
+    Case("evaluate: Boundary AP", evaluate(options=("--iou-type", "boundary")), 0),
     Case("evaluate: a polygon of 2 points", evaluate(coco(annotations=[*coco()["annotations"], BAD_POLYGON])), 0),
     Case("evaluate: malformed JSON", evaluate("{not json"), 2, "not valid JSON"),
     Case("evaluate: JSON list", evaluate("[]"), 2, "expected a JSON object"),
@@ -386,6 +449,20 @@ CASES = [
     Case("evaluate: only unusable annotations", evaluate(coco(annotations=[BAD_POLYGON])), 2, "no usable annotation"),
     Case("evaluate: --threshold 5", evaluate(options=("--threshold", "5")), 2, "--threshold must be in [0, 1]"),
     Case("evaluate: --batch-size 0", evaluate(options=("--batch-size", "0")), 2, "--batch-size"),
+    Case("evaluate: binary JSON", evaluate(bytes(range(256)) * 4), 2, "data/coco.json: not a JSON text file"),
+    Case(
+        "evaluate: truncated weights",
+        with_model(evaluate(), truncate),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case(
+        "evaluate: garbage weights",
+        with_model(evaluate(), garbage_weights),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case("evaluate: --num-workers -1", evaluate(options=("--num-workers", "-1")), 2, "--num-workers must be >= 0"),
     Case(
         "evaluate: missing JSON",
         lambda env: ["evaluate", "--coco-json", "none.json", "--images", str(env.root)],
@@ -408,6 +485,104 @@ CASES = [
     Case("train: no images", train(coco(images=0)), 2, "no readable image"),
     Case("train: no annotations", train(coco(annotations=[])), 2, "no readable image with a usable annotation"),
     Case("train: only unusable annotations", train(coco(annotations=[BAD_POLYGON])), 2, "usable annotation"),
+    Case(
+        "train: reversed crop range",
+        train(options=("--crop-size-range", "600", "384")),
+        2,
+        "--crop-size-range MIN MAX must have MIN <= MAX, got 600 384",
+    ),
+    Case("train: short edge 0", train(options=("--train-short-edges", "0", "512")), 2, "--train-short-edges must be"),
+    Case("train: crop short edge 0", train(options=("--crop-resize-short-edges", "0")), 2, "--crop-resize-short-edges"),
+    Case("train: crop size 0", train(options=("--crop-size-range", "0", "10")), 2, "--crop-size-range must be"),
+    Case("train: --train-max-size 0", train(options=("--train-max-size", "0")), 2, "--train-max-size must be"),
+    Case(
+        "train: --config-json value of the wrong type",
+        train(options=("--config-json", '{"num_queries": "ten"}')),
+        2,
+        "--config-json: Validation error for field 'num_queries'",
+    ),
+    Case(
+        "train: --config-json unknown field",
+        train(options=("--config-json", '{"num_querys": 5}')),
+        2,
+        "'num_querys' is not a FastInstConfig field (did you mean 'num_queries'?)",
+    ),
+    Case(
+        "train: --config-json that makes no model",
+        train(options=("--config-json", '{"num_attention_heads": 0}')),
+        2,
+        "--config-json",
+    ),
+    Case(
+        "train: --config-json with 0 queries",
+        train(options=("--config-json", '{"num_queries": 0}')),
+        2,
+        "--config-json: num_queries=0 (expected >= 1)",
+    ),
+    Case(
+        "train: --config-json with test size 0",
+        train(options=("--config-json", '{"test_shortest_edge": 0}')),
+        2,
+        "test_shortest_edge=0 (expected >= 1)",
+    ),
+    Case(
+        "train: binary --train-json",
+        train(bytes(range(256)) * 4),
+        2,
+        "data/coco.json: not a JSON text file",
+    ),
+    Case(
+        "train: --config-json binary file",
+        lambda env: [*train()(env), "--config-json", env.file("c.json", b"\xff\xfe\x00")],
+        2,
+        "--config-json: cannot read",
+    ),
+    Case(
+        "train: --config-json missing file",
+        train(options=("--config-json", "nowhere.json")),
+        2,
+        "--config-json: file not found",
+    ),
+    Case(
+        "train: --init with truncated weights",
+        with_model(train(options=("--config-json", "{}")), truncate),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case(
+        "train: --init with missing weights",
+        with_model(
+            train(options=("--config-json", "{}")),
+            edit_weights(lambda w: {k: v for k, v in w.items() if "mask_embed" not in k}),
+        ),
+        2,
+        "they would be random",
+    ),
+    Case(
+        "train: --init with broken config.json",
+        with_model(train(options=("--config-json", "{}")), edit_config(hidden_dim="wide")),
+        2,
+        "--init",
+    ),
+    Case("train: --seed -1", train(options=("--seed", "-1")), 2, "--seed must be in [0, 4294967295]"),
+    Case("train: --lr-gamma 0", train(options=("--lr-gamma", "0")), 2, "--lr-gamma"),
+    Case("train: --poly-power nan", train(options=("--poly-power", "nan")), 2, "--poly-power must be a finite"),
+    Case("train: --clip-grad -1", train(options=("--clip-grad", "-1")), 2, "--clip-grad must be > 0"),
+    Case("train: --lr-steps 1.5", train(options=("--lr-steps", "0.5", "1.5")), 2, "--lr-steps are fractions"),
+    Case("train: --push-to-hub 'a b'", train(options=("--push-to-hub", "a b")), 2, "--push-to-hub: 'a b' is not"),
+    Case("train: --backbone-weights missing", train(options=("--backbone-weights", "no.pth")), 2, "file not found"),
+    Case(
+        "train: --backbone-weights garbage",
+        lambda env: [*train()(env), "--backbone-weights", env.file("bb.pth", b"junk")],
+        2,
+        "bb.pth",
+    ),
+    Case(
+        "train: --resume folder with a broken trainer state",
+        lambda env: [*train()(env), "--resume", str(Path(env.file("ckpt/trainer_state.json", "{")).parent)],
+        2,
+        "trainer_state.json",
+    ),
     # export
     Case("export: --output is a folder", export("--output", lambda env: str(env.root)), 2, "is a folder"),
     Case(
@@ -415,6 +590,30 @@ CASES = [
         export("--output", lambda env: env.file("f", "x") + "/m.onnx"),
         2,
         "is not a folder",
+    ),
+    Case(
+        "export: garbage weights",
+        with_model(export("--output", "m.onnx"), garbage_weights),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case(
+        "export: truncated weights",
+        with_model(export("--output", "m.onnx"), truncate),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case(
+        "benchmark: truncated weights",
+        with_model(lambda env: ["benchmark", "--runs", "1", "--warmup", "0"], truncate),
+        2,
+        "model/model.safetensors is not a complete safetensors file",
+    ),
+    Case(
+        "info: garbage weights",
+        lambda env: ["info", env.model_variant(garbage_weights)],
+        2,
+        "model/model.safetensors is not a complete safetensors file",
     ),
     Case("export: --height -32", export("--height", "-32", "--output", "m.onnx"), 2, "--height must be a positive"),
     Case("export: --width 33", export("--width", "33", "--output", "m.onnx"), 2, "--width must be a positive"),
@@ -427,6 +626,63 @@ CASES = [
         ),
         2,
         "not a PyTorch checkpoint",
+    ),
+    Case(
+        "convert: _BASE_ loop",
+        convert_yaml({"main.yaml": "_BASE_: base.yaml\n", "base.yaml": "_BASE_: main.yaml\n"}),
+        2,
+        "the _BASE_ chain loops back to",
+    ),
+    Case(
+        "convert: _BASE_ names itself",
+        convert_yaml({"main.yaml": "_BASE_: main.yaml\n"}),
+        2,
+        "main.yaml: the _BASE_ chain loops back to",
+    ),
+    Case(
+        "convert: missing _BASE_",
+        convert_yaml({"main.yaml": "_BASE_: nowhere.yaml\n"}),
+        2,
+        "main.yaml: _BASE_ names",
+    ),
+    Case("convert: _BASE_ a list", convert_yaml({"main.yaml": "_BASE_: [a.yaml]\n"}), 2, "_BASE_ must be a file name"),
+    Case(
+        "convert: numeric field as text",
+        convert_yaml({"main.yaml": fixture_yaml("DEC_LAYERS: 1", "DEC_LAYERS: three")}),
+        2,
+        "main.yaml: MODEL.FASTINST.DEC_LAYERS must be int (like 10), got 'three'",
+    ),
+    Case(
+        "convert: float field as text",
+        convert_yaml({"main.yaml": fixture_yaml("DROPOUT: 0.0", "DROPOUT: none")}),
+        2,
+        "MODEL.FASTINST.DROPOUT must be float",
+    ),
+    Case(
+        "convert: empty numeric field",
+        convert_yaml({"main.yaml": fixture_yaml("NHEADS: 4", "NHEADS:")}),
+        2,
+        "MODEL.FASTINST.NHEADS must be int",
+    ),
+    Case(
+        "convert: boolean list as text",
+        convert_yaml({"main.yaml": "MODEL:\n  RESNETS:\n    DEFORM_ON_PER_STAGE: [yes, no, maybe, no]\n"}),
+        2,
+        "MODEL.RESNETS.DEFORM_ON_PER_STAGE must be a list of bool",
+    ),
+    Case(
+        "convert: 0 attention heads",
+        convert_yaml({"main.yaml": fixture_yaml("NHEADS: 4", "NHEADS: 0")}),
+        2,
+        "main.yaml",
+    ),
+    Case("convert: binary YAML", convert_yaml({"main.yaml": b"\xff\xfe\x00\x01"}), 2, "not valid YAML text"),
+    Case("convert: YAML list", convert_yaml({"main.yaml": "- 1\n- 2\n"}), 2, "expected a YAML mapping"),
+    Case(
+        "convert: --push-to-hub 'a b'",
+        convert("--checkpoint", str(FIXTURE_CHECKPOINT), "--output-dir", "o", "--push-to-hub", "a b"),
+        2,
+        "--push-to-hub: 'a b' is not",
     ),
     Case(
         "convert: --output-dir is a file",

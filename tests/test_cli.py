@@ -18,8 +18,7 @@ from fastinst_hf.cli import main
 from fastinst_hf.conversion.official import config_from_detectron2, save_converted
 from fastinst_hf.data.synthetic import make_shapes_dataset
 from fastinst_hf.inference import resolve as hub_models
-from fastinst_hf.inference.loading import load_model_and_processor
-from fastinst_hf.inference.predict import predict_image
+from fastinst_hf.inference.predictor import Predictor
 from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
 from fastinst_hf.utils.arguments import default_num_workers
 from fastinst_hf.utils.device import synchronize
@@ -70,8 +69,8 @@ def test_predict_file_writes_overlay_and_json_with_valid_rle(tiny_model_dir, ima
     assert record["image"] == str(image_path) and (record["height"], record["width"]) == (72, 96)
     assert record["instances"], "threshold 0 keeps every non-empty mask of the random model"
 
-    model, processor, _ = load_model_and_processor(str(tiny_model_dir), torch.device("cpu"))
-    masks, labels, scores, _ = predict_image(model, processor, load_image(image_path), torch.device("cpu"), 0.0, None)
+    result = Predictor(tiny_model_dir, device="cpu", threshold=0.0).predict_image(load_image(image_path))
+    masks, labels, scores = result.masks, result.labels, result.scores
     assert len(record["instances"]) == len(masks)
     for instance, mask, label, score in zip(record["instances"], masks, labels, scores):
         rle = instance["segmentation"]
@@ -102,32 +101,24 @@ def test_predict_names_a_missing_graph_runtime_package_before_loading_the_model(
 
 def test_predict_default_runtime_folds_norms_and_finds_the_eager_instances(tiny_model_dir, image_dir, tmp_path):
     outputs = {}
-    for runtime in ("torch", "eager"):
+    for runtime in ("auto", "eager"):
         out = tmp_path / runtime
         argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
         assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
         outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
-    assert len(outputs["torch"]) > 0
-    assert [i["label_id"] for i in outputs["torch"]] == [i["label_id"] for i in outputs["eager"]]
-    for folded, eager in zip(outputs["torch"], outputs["eager"]):
+    assert len(outputs["auto"]) > 0
+    assert [i["label_id"] for i in outputs["auto"]] == [i["label_id"] for i in outputs["eager"]]
+    for folded, eager in zip(outputs["auto"], outputs["eager"]):
         assert folded["score"] == pytest.approx(eager["score"], abs=1e-5)
         assert abs(folded["area"] - eager["area"]) <= 0.001 * eager["area"] + 2
 
 
-def test_predict_default_runtime_is_the_folded_channels_last_model(tiny_model_dir, image_dir, tmp_path, monkeypatch):
-    from fastinst_hf.cli import predict as predict_command
-
-    seen = []
-
-    def spy(model, *args, **kwargs):
-        seen.append(model)
-        return real(model, *args, **kwargs)
-
-    real = predict_command.predict_images
-    monkeypatch.setattr(predict_command, "predict_images", spy)
-    assert _predict(image_dir / "a.png", "--model", tiny_model_dir, "--output", tmp_path / "out") == 0
-    modules = list(seen[0].modules())
-    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in modules if m is not seen[0])
+def test_predict_default_runtime_is_the_folded_channels_last_model(tiny_model_dir):
+    predictor = Predictor(tiny_model_dir, device="cpu")
+    assert predictor.runtime_name == "folded+channels_last"
+    model = predictor.runtime.model
+    modules = list(model.modules())
+    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in modules if m is not model)
     conv = next(m for m in modules if type(m) is torch.nn.Conv2d)
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
@@ -136,14 +127,14 @@ def test_predict_default_runtime_is_the_folded_channels_last_model(tiny_model_di
 def test_predict_with_the_graph_runtimes_finds_the_same_instances(tiny_model_dir, image_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("FASTINST_HF_CACHE", str(tmp_path / "cache"))
     outputs = {}
-    for runtime in ("torch", "onnxruntime", "openvino"):
+    for runtime in ("auto", "onnxruntime", "openvino"):
         out = tmp_path / runtime
         argv = (image_dir / "a.png", "--model", tiny_model_dir, "--threshold", 0.0, "--output", out)
         assert _predict(*argv, "--runtime", runtime, "--device", "cpu") == 0
         outputs[runtime] = json.loads((out / "a.json").read_text())["instances"]
     for runtime in ("onnxruntime", "openvino"):
-        assert [i["label_id"] for i in outputs[runtime]] == [i["label_id"] for i in outputs["torch"]]
-        for ours, reference in zip(outputs[runtime], outputs["torch"]):
+        assert [i["label_id"] for i in outputs[runtime]] == [i["label_id"] for i in outputs["auto"]]
+        for ours, reference in zip(outputs[runtime], outputs["auto"]):
             assert ours["score"] == pytest.approx(reference["score"], abs=1e-4)
             assert abs(ours["area"] - reference["area"]) <= 0.01 * reference["area"] + 2
     # Both graph runtimes ran the one cached export.
@@ -286,10 +277,10 @@ def test_convert_command(tmp_path, capsys):
 
 
 def test_train_command_validates_then_trains(monkeypatch, tmp_path):
-    import fastinst_hf.cli.train
+    import fastinst_hf.training.loop
 
     seen = []
-    monkeypatch.setattr(fastinst_hf.cli.train, "train", seen.append)
+    monkeypatch.setattr(fastinst_hf.training.loop, "train", seen.append)
     (tmp_path / "t.json").write_text("{}")
     argv = ["train", "--train-json", str(tmp_path / "t.json"), "--train-images", str(tmp_path)]
     assert main([*argv, "--output-dir", str(tmp_path / "run"), "--max-steps", "3"]) == 0
@@ -388,7 +379,7 @@ def test_unknown_hub_repo_offline_gives_a_clear_error():
         resolve_model("nobody/no-such-fastinst")
 
 
-@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "convert", "train", "export"])
+@pytest.mark.parametrize("command", ["predict", "evaluate", "benchmark", "convert", "train", "export", "info"])
 def test_command_help_names_the_command_and_states_defaults_once(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([command, "--help"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import FIXTURES, fixture_pixel_values
 
-from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation
+from fastinst_hf import FastInstForInstanceSegmentation
 from fastinst_hf.cli import main as cli_main
 from fastinst_hf.conversion.official import (
     CheckpointConversionError,
@@ -16,6 +16,7 @@ from fastinst_hf.conversion.official import (
     official_checkpoint_url,
     rename_official_key,
 )
+from fastinst_hf.releases import variant_config
 
 
 def main(argv: list[str]) -> int:
@@ -67,7 +68,7 @@ def test_upstream_config_file_with_base(tmp_path):
         "    DEFORM_ON_PER_STAGE: [False, False, True, True]\n  FASTINST:\n    DEC_LAYERS: 3\n"
     )
     config = config_from_detectron2(child)
-    preset = FastInstConfig.from_variant("fastinst-d3-r50-vd-dcn")
+    preset = variant_config("fastinst-d3-r50-vd-dcn")
     assert config.to_diff_dict() == preset.to_diff_dict()
 
 
@@ -135,7 +136,7 @@ def test_cli_reports_errors_with_exit_code(tmp_path, capsys):
     code = main(
         ["--checkpoint", str(tmp_path / "x.pth"), "--variant", "fastinst-d1-r50", "--output-dir", str(tmp_path)]
     )
-    assert code == 2 and "checkpoint not found" in capsys.readouterr().err
+    assert code == 2 and "--checkpoint: file not found" in capsys.readouterr().err
 
 
 def test_release_urls():
@@ -161,7 +162,7 @@ def test_torchvision_imagenet_backbone_weights_load_exactly(tmp_path):
             module.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "resnet50.pth"
     torch.save(resnet.state_dict(), path)
-    model = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50")).eval()
+    model = FastInstModel(variant_config("fastinst-d1-r50")).eval()
     load_imagenet_backbone(model, path)
     image = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
@@ -178,7 +179,7 @@ def test_torchvision_imagenet_backbone_weights_load_exactly(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), wrong)
     with pytest.raises(CheckpointConversionError, match="shape mismatches"):
         load_imagenet_backbone(model, wrong)
-    vd = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn"))
+    vd = FastInstModel(variant_config("fastinst-d1-r50-vd-dcn"))
     with pytest.raises(ValueError, match="timm resnet50d"):
         load_imagenet_backbone(vd, "torchvision")
 
@@ -188,7 +189,7 @@ def test_timm_resnet_d_weights_load_into_the_vd_backbone(tmp_path):
     from fastinst_hf import FastInstModel
     from fastinst_hf.conversion.imagenet import load_imagenet_backbone
 
-    model = FastInstModel(FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn"))
+    model = FastInstModel(variant_config("fastinst-d1-r50-vd-dcn"))
     state = {k: v.clone().normal_() for k, v in model.backbone.state_dict().items() if "conv2_offset" not in k}
     state["fc.weight"] = torch.zeros(1000, 2048)
     path = tmp_path / "resnet50d.pth"

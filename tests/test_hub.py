@@ -6,9 +6,9 @@ import torch
 from conftest import FIXTURES
 from huggingface_hub import CommitOperationAdd
 
-from fastinst_hf import FastInstConfig
 from fastinst_hf.cli import main as cli_main
 from fastinst_hf.hub.model_card import render_model_card
+from fastinst_hf.releases import variant_config
 
 
 @pytest.fixture
@@ -41,7 +41,7 @@ def fake_hub(monkeypatch):
 
 def test_model_card_for_an_official_variant():
     card = render_model_card(
-        FastInstConfig.from_variant("fastinst-d3-r50-vd-dcn"),
+        variant_config("fastinst-d3-r50-vd-dcn"),
         "me/fastinst-d3",
         variant="fastinst-d3-r50-vd-dcn",
         num_values=34_800_000,
@@ -79,7 +79,9 @@ def test_converter_push_to_hub_sends_one_complete_commit(tmp_path, fake_hub):
         "README.md",
         "modeling_fastinst.py",
         "configuration_fastinst.py",
+        "configuration_fastinst_resnet_vd.py",
         "image_processing_fastinst.py",
+        "mask_resizing_fastinst.py",
     ):
         assert name in files, name
     assert b"someone/fastinst-slim" in files["README.md"]

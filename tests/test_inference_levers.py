@@ -8,7 +8,7 @@ from conftest import tiny_config
 from transformers import ResNetConfig
 
 from fastinst_hf import FastInstForInstanceSegmentation
-from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
+from fastinst_hf.configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
     OpenVinoModel,

@@ -7,6 +7,7 @@ from conftest import FIXTURES, fixture_pixel_values, load_eval_fixture, load_tra
 from fastinst_hf import FastInstConfig, FastInstForInstanceSegmentation, FastInstModel
 from fastinst_hf.conversion.official import convert_checkpoint
 from fastinst_hf.modeling_fastinst import FastInstDecoder, FastInstQueryProposal, attention_mask_from_masks
+from fastinst_hf.releases import variant_config
 
 # Relative tolerance `max|a-b| <= tol * max|ref|`, from the fixtures' README: 1e-4 per stage; the decoder end to end
 # is compared after checking that no attention-mask bit differs, so the same bound applies there.
@@ -29,12 +30,14 @@ def assert_close_rel(actual, expected, tol=REL_TOL, name=""):
 _MODELS = {}
 
 
-def converted_model(variant):
-    """The fixture's official weights converted with the converter (cached per variant: each test reads it)."""
+def converted_model(variant, attn_implementation="sdpa"):
+    """The fixture's official weights converted with the converter (cached per variant: each test reads it), set to
+    run its attention with `attn_implementation`."""
     if variant not in _MODELS:
         _MODELS[variant] = convert_checkpoint(
             FIXTURES / variant / "model_state_dict.pt", config_file=FIXTURES / variant / "config.yaml"
         ).set_batch_norm_folding(False)  # op for op as the official model; the folded default: test_batch_norm_folding
+    _MODELS[variant].set_attn_implementation(attn_implementation)
     return _MODELS[variant]
 
 
@@ -43,19 +46,30 @@ def seq_first(tensor):
     return tensor.transpose(0, 1)
 
 
-@pytest.fixture(scope="module")
-def eval_outputs():
-    results = {}
-    for variant in ("d1_r50slim_small", "d3_r50slim_small"):
-        model = converted_model(variant)
+@pytest.fixture(params=["sdpa", "eager"])
+def attn_implementation(request):
+    """The parity tests hold with both attention implementations that take the masked attention's dense mask."""
+    return request.param
+
+
+_EVAL_OUTPUTS = {}
+
+
+@pytest.fixture
+def eval_outputs(variant, attn_implementation):
+    """The converted model's eval-mode outputs on the fixture image (computed once per variant and implementation)."""
+    key = (variant, attn_implementation)
+    if key not in _EVAL_OUTPUTS:
+        model = converted_model(variant, attn_implementation)
         with torch.no_grad():
-            output = model.model(fixture_pixel_values(variant), output_hidden_states=True, output_auxiliary_logits=True)
-        results[variant] = output
-    return results
+            _EVAL_OUTPUTS[key] = model.model(
+                fixture_pixel_values(variant), output_hidden_states=True, output_auxiliary_logits=True
+            )
+    return _EVAL_OUTPUTS[key]
 
 
 def test_encoder_and_pixel_decoder_match_official(variant, eval_outputs):
-    reference, output = load_eval_fixture(variant), eval_outputs[variant]
+    reference, output = load_eval_fixture(variant), eval_outputs
     assert_close_rel(fixture_pixel_values(variant), reference["images_tensor"], 0, "images_tensor")
     for index, name in enumerate(("res3", "res4", "res5")):
         assert_close_rel(output.encoder_hidden_states[index], reference[f"backbone.{name}"], name=name)
@@ -65,7 +79,7 @@ def test_encoder_and_pixel_decoder_match_official(variant, eval_outputs):
 
 
 def test_query_proposal_matches_official(variant, eval_outputs):
-    reference, output = load_eval_fixture(variant), eval_outputs[variant]
+    reference, output = load_eval_fixture(variant), eval_outputs
     assert_close_rel(output.proposal_logits, reference["query_proposal.proposal_cls_logits"], name="proposal logits")
     score_map = FastInstQueryProposal.score_map(reference["query_proposal.proposal_cls_logits"])
     assert_close_rel(score_map, reference["query_proposal.score_map"], name="score map")
@@ -80,9 +94,9 @@ def test_query_proposal_matches_official(variant, eval_outputs):
     )
 
 
-def test_decoder_layers_in_isolation_match_official(variant):
+def test_decoder_layers_in_isolation_match_official(variant, attn_implementation):
     """Each layer fed the official inputs and attention mask reproduces the official outputs (no mask flips)."""
-    reference, model = load_eval_fixture(variant), converted_model(variant)
+    reference, model = load_eval_fixture(variant), converted_model(variant, attn_implementation)
     decoder = model.model.decoder
     query_position = seq_first(reference["decoder.query_pos_embeds"])
     pixel_position = seq_first(reference["decoder.pixel_pos_embeds"])
@@ -97,14 +111,14 @@ def test_decoder_layers_in_isolation_match_official(variant):
         queries, pixels = seq_first(reference[prefix + "query_out"]), seq_first(reference[prefix + "pixel_out"])
 
 
-def test_end_to_end_predictions_match_official(variant, eval_outputs):
+def test_end_to_end_predictions_match_official(variant, attn_implementation, eval_outputs):
     """The whole decoder. Its attention masks threshold mask logits at 0, so float drift can flip a few of the
     152,064 bits (the official code itself flips one in D3 when run with 1 thread instead of 2, and how many flip
     depends on the CPU's kernels). Our own masks may differ from the official ones by a handful of bits; the
     end-to-end comparison then runs with the official masks (bits are not float-comparable, everything else is) and
     holds at 1e-4."""
-    reference, output = load_eval_fixture(variant), eval_outputs[variant]
-    config = converted_model(variant).config
+    reference, output = load_eval_fixture(variant), eval_outputs
+    config = converted_model(variant, attn_implementation).config
     flipped = []
     for index in range(config.decoder_layers):
         predicted = output.auxiliary_logits[index]["masks_queries_logits"]
@@ -117,7 +131,7 @@ def test_end_to_end_predictions_match_official(variant, eval_outputs):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(FastInstDecoder, "attention_mask", lambda self, mask_logits: next(official_masks))
         with torch.no_grad():
-            output = converted_model(variant).model(
+            output = converted_model(variant, attn_implementation).model(
                 fixture_pixel_values(variant), output_hidden_states=True, output_auxiliary_logits=True
             )
     assert next(official_masks, None) is None, "every layer's official mask was used"
@@ -141,7 +155,7 @@ def official_attention_masks(variant, config):
     )
 
 
-def test_training_losses_match_official(variant, monkeypatch):
+def test_training_losses_match_official(variant, attn_implementation, monkeypatch):
     """Train-mode forward of the converted model with the official random draws replayed: every loss term to 1e-4.
 
     The recorded train-mode tensors carry the recording CPU's rounding of gradient-enabled kernels: on the same kind
@@ -150,7 +164,7 @@ def test_training_losses_match_official(variant, monkeypatch):
     few 1e-3 on single queries, while every loss term still agrees to 1e-4. So the predictor outputs are compared at
     1e-4 when the inputs agree and at 1e-2 when they demonstrably do not."""
     fixture = load_train_fixture(variant)
-    model = converted_model(variant)
+    model = converted_model(variant, attn_implementation)
     draws = iter(fixture["torch_rand_calls"])
 
     def replay_rand(*size, **kwargs):
@@ -283,7 +297,7 @@ def test_position_embedding_grid_is_independent_of_query_count():
 def test_official_variant_sizes(variant, expected_millions):
     """State-dict element counts (parameters + frozen-BN buffers) equal the sums of the official key shapes."""
     with torch.device("meta"):
-        model = FastInstForInstanceSegmentation(FastInstConfig.from_variant(variant))
+        model = FastInstForInstanceSegmentation(variant_config(variant))
     total = sum(t.numel() for t in model.state_dict().values())
     assert round(total / 1e6, 2) == expected_millions
 
@@ -387,3 +401,20 @@ def test_other_transformers_backbone():
     assert output.masks_queries_logits.shape == (1, 20, 12, 16)
     config = FastInstConfig.from_dict(model.config.to_dict())
     assert config.backbone_config.model_type == "convnext"
+
+
+@pytest.mark.slow
+def test_torch_compile_matches_eager():
+    """`torch.compile(model)` (inductor) runs and gives the eager outputs; a second call reuses the compiled graph.
+    Slow: compiling takes 1-3 minutes on 2 CPU cores."""
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config(num_queries=10)).eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    compiled = torch.compile(model)
+    with torch.no_grad():
+        expected = model(pixel_values)
+        compiled(pixel_values)
+        actual = compiled(pixel_values)
+    assert torch.equal(actual.proposal_indices, expected.proposal_indices)
+    for name in ("class_queries_logits", "masks_queries_logits", "transformer_decoder_last_hidden_state"):
+        torch.testing.assert_close(getattr(actual, name), getattr(expected, name), rtol=1e-4, atol=1e-4, msg=name)

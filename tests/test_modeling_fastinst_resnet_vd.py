@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
+from fastinst_hf.configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from fastinst_hf.modeling_fastinst_resnet_vd import (
     FastInstResNetVdBackbone,
     FastInstResNetVdDeformConv2d,

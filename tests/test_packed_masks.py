@@ -7,8 +7,9 @@ from conftest import tiny_config
 from PIL import Image
 
 from fastinst_hf import FastInstForInstanceSegmentation
+from fastinst_hf.conversion.official import save_converted
 from fastinst_hf.image_processing_fastinst import image_processor_for_config
-from fastinst_hf.inference.predict import predict_image
+from fastinst_hf.inference.predictor import Predictor
 from fastinst_hf.utils.packed_masks import PackedMasks
 
 
@@ -23,13 +24,16 @@ def test_packed_masks_round_trip_at_one_bit_per_pixel():
 
 
 @pytest.mark.parametrize("duplicate_iou_threshold", [None, 0.3])
-def test_predict_returns_the_processors_instances(duplicate_iou_threshold):
+def test_predict_returns_the_processors_instances(duplicate_iou_threshold, tmp_path):
     torch.manual_seed(0)
     model = FastInstForInstanceSegmentation(tiny_config()).eval()
     processor = image_processor_for_config(model.config)
     processor.duplicate_iou_threshold = duplicate_iou_threshold
+    save_converted(model, tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (70, 90, 3), dtype=np.uint8))
-    masks, labels, scores, _ = predict_image(model, processor, image, torch.device("cpu"), 0.0, None)
+    result = Predictor(tmp_path / "model", device="cpu", threshold=0.0, runtime="eager").predict_image(image)
+    masks, labels, scores = result.masks, result.labels, result.scores
     with torch.no_grad():
         outputs = model(**processor(images=[image], return_tensors="pt"))
     expected = processor.post_process_instance_segmentation(
@@ -38,4 +42,4 @@ def test_predict_returns_the_processors_instances(duplicate_iou_threshold):
     assert isinstance(masks, PackedMasks) and len(masks) == len(expected["segments_info"]) > 0
     assert np.array_equal(np.asarray(masks), expected["segmentation"].numpy())
     assert labels == [info["label_id"] for info in expected["segments_info"]]
-    assert scores == [info["score"] for info in expected["segments_info"]]
+    assert scores == pytest.approx([info["score"] for info in expected["segments_info"]], abs=1e-6)

@@ -57,6 +57,15 @@ def test_benchmark_postprocess_script():
     assert "ms" in stdout
 
 
+def test_measure_mask_probe_script():
+    output = run_script("measure_mask_probe.py", "--sizes", "2", "--masks", "1", "8", "--repeats", "1").stdout
+    rows = [line.split() for line in output.splitlines()[1:-1]]
+    assert [(row[0], row[1], row[-1]) for row in rows] == [
+        ("480x640", "1", "dense"), ("480x640", "8", "tiled"), ("640x480", "1", "dense"), ("640x480", "8", "tiled")
+    ]  # fmt: skip
+    assert output.splitlines()[-1].startswith("worst first/dense:")
+
+
 def test_check_reduced_precision_script_compares_bf16_with_fp32(tmp_path):
     out = tmp_path / "precision.json"
     run_script("check_reduced_precision.py", "--shapes", "3", "--json", out)

@@ -358,3 +358,19 @@ def test_bad_inputs_from_the_command_line(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert result.returncode != 0
     assert f"--train-json: file not found: {tmp_path / 'nope.json'}" in result.stderr
+
+
+def test_mixed_precision_defaults_to_the_launchers_flag():
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION; an explicit "no" default would
+    override it and train in float32 silently."""
+    code = (
+        "from accelerate import Accelerator\n"
+        "from fastinst_hf.cli.train import add_arguments\n"
+        "import argparse\n"
+        "parser = argparse.ArgumentParser(); add_arguments(parser)\n"
+        "args = parser.parse_args(['--train-json', 'x', '--train-images', 'y', '--output-dir', 'z'])\n"
+        "print(args.mixed_precision, Accelerator(mixed_precision=args.mixed_precision, cpu=True).mixed_precision)\n"
+    )
+    env = {**os.environ, "ACCELERATE_MIXED_PRECISION": "bf16"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert result.stdout.split()[-2:] == ["None", "bf16"]

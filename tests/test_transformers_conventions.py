@@ -21,6 +21,7 @@ from transformers import (
     AutoModelForUniversalSegmentation,
     pipeline,
 )
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from fastinst_hf import (
     FastInstConfig,
@@ -32,10 +33,12 @@ from fastinst_hf import (
 )
 from fastinst_hf.image_processing_pil_fastinst import FastInstImageProcessorKwargs
 from fastinst_hf.modeling_fastinst import (
+    FastInstAttention,
     FastInstConvNormLayer,
     FastInstFeedForwardLayer,
     FastInstFrozenBatchNorm2d,
 )
+from fastinst_hf.releases import variant_config
 
 
 def tiny_config(**kwargs) -> FastInstConfig:
@@ -74,9 +77,37 @@ def test_default_outputs_are_batch_first_tensors():
         "masks_queries_logits",
         "proposal_logits",
         "proposal_indices",
+        "encoder_last_hidden_state",
+        "pixel_decoder_last_hidden_state",
+        "transformer_decoder_last_hidden_state",
         "image_sizes",
     }
     assert all(isinstance(value, torch.Tensor) and value.shape[0] == 3 for value in output.values())
+
+
+def test_last_hidden_states_by_default_under_mask2former_names():
+    """Backbone's last map, the pixel features of the last mask head and the final queries, without asking; equal to
+    the last entries of the per-layer fields; the tuple output keeps the logits first."""
+    torch.manual_seed(0)
+    model = FastInstModel(tiny_config()).eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        output = model(pixel_values)
+        full = model(pixel_values, output_hidden_states=True)
+        as_tuple = model(pixel_values, return_dict=False)
+    assert len(as_tuple) == 7 and torch.equal(as_tuple[1], output.masks_queries_logits)
+    assert torch.equal(as_tuple[4], output.encoder_last_hidden_state)
+    assert output.encoder_last_hidden_state.shape == (2, 128, 2, 3)
+    assert output.pixel_decoder_last_hidden_state.shape == (2, 32, 8, 12)
+    assert output.transformer_decoder_last_hidden_state.shape == (2, 10 + 4, 32)
+    assert torch.equal(full.encoder_last_hidden_state, full.encoder_hidden_states[-1])
+    assert torch.equal(full.transformer_decoder_last_hidden_state, full.query_hidden_states[-1])
+    pixels = full.pixel_hidden_states[-1]  # [B, h*w, C]
+    assert torch.equal(full.pixel_decoder_last_hidden_state.flatten(2).transpose(1, 2), pixels)
+    # the masks are made from these pixel features and the final queries
+    head = model.decoder.prediction_heads[-1]
+    _, masks = head(full.transformer_decoder_last_hidden_state, pixels, (8, 12), predict_class=False)
+    torch.testing.assert_close(masks, full.masks_queries_logits)
 
 
 def test_optional_outputs_only_when_asked():
@@ -125,9 +156,60 @@ def test_output_attentions():
     assert [tuple(a.shape) for a in output.attentions] == shapes
     for weights in output.attentions:
         torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:-1]))
+    # transformers only lets the configuration ask for attentions under eager; a call asking runs eager anyway
+    model.set_attn_implementation("eager")
     model.config.output_attentions = True
     with torch.no_grad():
         assert len(model(torch.randn(1, 3, 64, 96)).attentions) == 6
+
+
+def test_attention_maps_are_in_the_graph():
+    """An attention map returned with `output_attentions=True` receives a gradient (the upstream common test
+    `test_retain_grad_hidden_states_attentions`); the masked query cross-attention's map is zero where it is blocked."""
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config())
+    output = model(torch.randn(1, 3, 64, 96), output_attentions=True)
+    for weights in output.attentions:
+        weights.retain_grad()
+    output.masks_queries_logits.sum().backward()
+    assert all(weights.grad is not None and weights.grad.abs().sum() > 0 for weights in output.attentions)
+    cross = output.attentions[1]  # layer 0's masked cross-attention, under the mask of the initial head's masks
+    assert (cross == 0).any() and not (cross == 0).all(dim=-1).any()
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa", "flash_attention_2"])
+def test_attention_implementations_give_the_same_outputs(implementation, monkeypatch):
+    """sdpa and a flash implementation give eager's outputs. Recorders stand in for the registered functions (the
+    flash kernels need a GPU; the stand-in computes with sdpa): the unmasked attentions (pixel cross, query self) run
+    the configured implementation, the masked query cross-attention (a dense mask) falls back to sdpa under flash."""
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation._from_config(tiny_config(), attn_implementation="eager").eval()
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(pixel_values)
+    sdpa, calls = ALL_ATTENTION_FUNCTIONS["sdpa"], []
+
+    def recorder(name):
+        def attention(module, query, key, value, attention_mask, **kwargs):
+            calls.append((name, attention_mask is not None))
+            return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+        return attention
+
+    for name in ("sdpa", "flash_attention_2"):
+        monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS._global_mapping, name, recorder(name))
+    model.config._attn_implementation_internal = implementation
+    with torch.no_grad():
+        actual = model(pixel_values)
+    torch.testing.assert_close(actual.masks_queries_logits, expected.masks_queries_logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(actual.class_queries_logits, expected.class_queries_logits, rtol=1e-4, atol=1e-4)
+    # 2 layers, each: pixel cross (no mask), masked query cross, query self (no mask)
+    per_layer = {
+        "eager": [],
+        "sdpa": [("sdpa", False), ("sdpa", True), ("sdpa", False)],
+        "flash_attention_2": [("flash_attention_2", False), ("sdpa", True), ("flash_attention_2", False)],
+    }
+    assert calls == per_layer[implementation] * 2
 
 
 def test_pipeline_batches_give_per_image_results(saved_folder):
@@ -165,7 +247,7 @@ def assert_upstream_init(model: FastInstForInstanceSegmentation):
             # c2_xavier_fill = kaiming_uniform(a=1): bound sqrt(3 / fan_in), above torch's default 1 / sqrt(fan_in)
             weight, bound = module.conv.weight, (3 / module.conv.weight[0].numel()) ** 0.5
             assert weight.abs().max() <= bound and weight.abs().max() > 0.8 * bound
-        elif isinstance(module, torch.nn.MultiheadAttention):
+        elif isinstance(module, FastInstAttention):
             for weight in (module.in_proj_weight, module.out_proj.weight):
                 assert weight.abs().max() <= xavier_bound(weight) and weight.abs().max() > 0.8 * xavier_bound(weight)
             assert not module.in_proj_bias.any() and not module.out_proj.bias.any()
@@ -232,7 +314,7 @@ def test_backbone_is_a_sub_config(saved_folder):
     model = AutoModel.from_pretrained(saved_folder, attn_implementation="eager")
     assert model.config.backbone_config._attn_implementation == "eager"
     # a ResNet-vd backbone (not an AutoConfig type without this package) survives the dict round trip
-    config = FastInstConfig.from_variant("fastinst-d1-r50-vd-dcn")
+    config = variant_config("fastinst-d1-r50-vd-dcn")
     assert isinstance(FastInstConfig.from_dict(config.to_dict()).backbone_config, FastInstResNetVdConfig)
 
 

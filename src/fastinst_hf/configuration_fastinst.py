@@ -2,147 +2,12 @@
 
 from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, ResNetConfig
-from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-# The 80 COCO "thing" classes in the contiguous order used by detectron2 and the official checkpoints.
-COCO_THING_CLASSES = (
-    "person",
-    "bicycle",
-    "car",
-    "motorcycle",
-    "airplane",
-    "bus",
-    "train",
-    "truck",
-    "boat",
-    "traffic light",
-    "fire hydrant",
-    "stop sign",
-    "parking meter",
-    "bench",
-    "bird",
-    "cat",
-    "dog",
-    "horse",
-    "sheep",
-    "cow",
-    "elephant",
-    "bear",
-    "zebra",
-    "giraffe",
-    "backpack",
-    "umbrella",
-    "handbag",
-    "tie",
-    "suitcase",
-    "frisbee",
-    "skis",
-    "snowboard",
-    "sports ball",
-    "kite",
-    "baseball bat",
-    "baseball glove",
-    "skateboard",
-    "surfboard",
-    "tennis racket",
-    "bottle",
-    "wine glass",
-    "cup",
-    "fork",
-    "knife",
-    "spoon",
-    "bowl",
-    "banana",
-    "apple",
-    "sandwich",
-    "orange",
-    "broccoli",
-    "carrot",
-    "hot dog",
-    "pizza",
-    "donut",
-    "cake",
-    "chair",
-    "couch",
-    "potted plant",
-    "bed",
-    "dining table",
-    "toilet",
-    "tv",
-    "laptop",
-    "mouse",
-    "remote",
-    "keyboard",
-    "cell phone",
-    "microwave",
-    "oven",
-    "toaster",
-    "sink",
-    "refrigerator",
-    "book",
-    "clock",
-    "vase",
-    "scissors",
-    "teddy bear",
-    "hair drier",
-    "toothbrush",
-)
+from .configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 
-
-@strict
-class FastInstResNetVdConfig(BackboneConfigMixin, PreTrainedConfig):
-    r"""
-    Configuration of the ResNet-vd backbone with deformable convolutions used by the official
-    `R50-vd-DCN` FastInst checkpoints (a timm-style ResNet-D: deep stem, average-pool downsampling
-    shortcuts, DCNv1 3x3 convolutions in the selected stages).
-
-    Args:
-        num_channels (`int`, *optional*, defaults to 3):
-            Number of input image channels.
-        stem_width (`int`, *optional*, defaults to 32):
-            Width of the first two 3x3 convolutions of the deep stem.
-        embedding_size (`int`, *optional*, defaults to 64):
-            Output channels of the stem (input channels of the first stage).
-        hidden_sizes (`list[int]`, *optional*, defaults to `(256, 512, 1024, 2048)`):
-            Output channels of each stage (4x the bottleneck width).
-        depths (`list[int]`, *optional*, defaults to `(3, 4, 6, 3)`):
-            Number of bottleneck blocks per stage.
-        deformable_stages (`list[bool]`, *optional*, defaults to `(False, False, True, True)`):
-            Whether every 3x3 convolution of a stage is a deformable convolution (DCNv1, one offset group).
-        out_features (`list[str]`, *optional*):
-            Stages to return, among `"stem"`, `"stage1"` ... `"stage4"`. FastInst uses stages 2-4 (strides 8-32).
-        out_indices (`list[int]`, *optional*):
-            Same as `out_features`, by index.
-    """
-
-    model_type = "fastinst_resnet_vd"
-
-    num_channels: int = 3
-    stem_width: int = 32
-    embedding_size: int = 64
-    hidden_sizes: list[int] | tuple[int, ...] = (256, 512, 1024, 2048)
-    depths: list[int] | tuple[int, ...] = (3, 4, 6, 3)
-    deformable_stages: list[bool] | tuple[bool, ...] = (False, False, True, True)
-    _out_features: list[str] | None = None
-    _out_indices: list[int] | None = None
-
-    def __post_init__(self, **kwargs):
-        self.stage_names = ["stem"] + [f"stage{idx}" for idx in range(1, len(self.depths) + 1)]
-        self.set_output_features_output_indices(
-            out_indices=kwargs.pop("out_indices", None), out_features=kwargs.pop("out_features", None)
-        )
-        self.hidden_sizes = list(self.hidden_sizes)
-        self.depths = list(self.depths)
-        self.deformable_stages = list(self.deformable_stages)
-        super().__post_init__(**kwargs)
-
-    def validate_architecture(self):
-        if not (len(self.depths) == len(self.hidden_sizes) == len(self.deformable_stages)):
-            raise ValueError(
-                "depths, hidden_sizes and deformable_stages need one entry per stage, got "
-                f"{len(self.depths)}, {len(self.hidden_sizes)} and {len(self.deformable_stages)}"
-            )
+# The official models detect the 80 COCO "thing" classes (the release table in `fastinst_hf.releases` names them).
+DEFAULT_NUM_LABELS = 80
 
 
 def default_resnet_config(depth: int = 50) -> ResNetConfig:
@@ -174,7 +39,8 @@ class FastInstConfig(PreTrainedConfig):
     r"""
     Configuration of a FastInst model (He et al., CVPR 2023, "FastInst: A Simple Query-Based Model for Real-Time
     Instance Segmentation"). The defaults build FastInst-D3 with a ResNet-50 backbone, the official
-    `fastinst_R50_ppm-fpn_x3_640` model; [`FastInstConfig.from_variant`] gives the five released variants.
+    `fastinst_R50_ppm-fpn_x3_640` model with 80 classes (named `LABEL_0` ...); `fastinst_hf.releases.variant_config`
+    gives the five released variants with the COCO class names.
 
     Args:
         backbone_config (`PreTrainedConfig` or `dict`, *optional*):
@@ -294,8 +160,7 @@ class FastInstConfig(PreTrainedConfig):
         elif isinstance(self.backbone_config, dict):
             self.backbone_config = _backbone_config_from_dict(self.backbone_config)
         if kwargs.get("id2label") is None and kwargs.get("num_labels") is None and self.id2label is None:
-            self.id2label = dict(enumerate(COCO_THING_CLASSES))
-            self.label2id = {name: idx for idx, name in self.id2label.items()}
+            self.num_labels = DEFAULT_NUM_LABELS
         self.ppm_pool_sizes = list(self.ppm_pool_sizes)
         super().__post_init__(**kwargs)
 
@@ -320,69 +185,5 @@ class FastInstConfig(PreTrainedConfig):
                 f"{self.backbone_config.out_features}"
             )
 
-    @classmethod
-    def from_variant(cls, name: str, **kwargs) -> "FastInstConfig":
-        """Configuration of one of the five released COCO models (see `VARIANTS`), e.g. `"fastinst-d1-r50"`."""
-        if name not in VARIANTS:
-            raise ValueError(f"unknown FastInst variant {name!r}; choose one of {sorted(VARIANTS)}")
-        variant = VARIANTS[name]
-        if variant["backbone"] == "r50-vd-dcn":
-            backbone_config = FastInstResNetVdConfig(out_features=["stage2", "stage3", "stage4"])
-        else:
-            backbone_config = default_resnet_config(101 if variant["backbone"] == "r101" else 50)
-        params = dict(
-            backbone_config=backbone_config,
-            decoder_layers=variant["decoder_layers"],
-            test_shortest_edge=variant["test_size"][0],
-            test_longest_edge=variant["test_size"][1],
-        )
-        params.update(kwargs)
-        return cls(**params)
 
-
-# The official COCO releases (github.com/junjiehe96/FastInst, release v0.1.0), with their val2017 mask AP.
-OFFICIAL_RELEASE_URL = "https://github.com/junjiehe96/FastInst/releases/download/v0.1.0/"
-VARIANTS = {
-    "fastinst-d1-r50": dict(
-        backbone="r50",
-        decoder_layers=1,
-        test_size=(576, 777),
-        coco_val_ap=34.9,
-        checkpoint="fastinst_R50_ppm-fpn_x1_576_34.9.pth",
-        upstream_config="fastinst_R50_ppm-fpn_x1_576.yaml",
-    ),
-    "fastinst-d3-r50": dict(
-        backbone="r50",
-        decoder_layers=3,
-        test_size=(640, 853),
-        coco_val_ap=37.9,
-        checkpoint="fastinst_R50_ppm-fpn_x3_640_37.9.pth",
-        upstream_config="fastinst_R50_ppm-fpn_x3_640.yaml",
-    ),
-    "fastinst-d3-r101": dict(
-        backbone="r101",
-        decoder_layers=3,
-        test_size=(640, 853),
-        coco_val_ap=38.9,
-        checkpoint="fastinst_R101_ppm-fpn_x3_640_38.9.pth",
-        upstream_config="fastinst_R101_ppm-fpn_x3_640.yaml",
-    ),
-    "fastinst-d1-r50-vd-dcn": dict(
-        backbone="r50-vd-dcn",
-        decoder_layers=1,
-        test_size=(576, 777),
-        coco_val_ap=37.4,
-        checkpoint="fastinst_R50-vd-dcn_ppm-fpn_x1_576_37.4.pth",
-        upstream_config="fastinst_R50-vd-dcn_ppm-fpn_x1_576.yaml",
-    ),
-    "fastinst-d3-r50-vd-dcn": dict(
-        backbone="r50-vd-dcn",
-        decoder_layers=3,
-        test_size=(640, 853),
-        coco_val_ap=40.1,
-        checkpoint="fastinst_R50-vd-dcn_ppm-fpn_x3_640_40.1.pth",
-        upstream_config="fastinst_R50-vd-dcn_ppm-fpn_x3_640.yaml",
-    ),
-}
-
-__all__ = ["FastInstConfig", "FastInstResNetVdConfig", "VARIANTS", "COCO_THING_CLASSES"]
+__all__ = ["FastInstConfig"]

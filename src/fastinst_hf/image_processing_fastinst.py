@@ -6,11 +6,10 @@ RGB uint8 -> `ResizeShortestEdge` (detectron2 rounding) with bilinear resampling
 
 Post-processing reproduces the official `FastInst.instance_inference`, but selects the top-k
 (query, class) pairs first and only upsamples the masks of the kept queries (on CPU, only the output tiles where
-a mask pixel can be).
+a mask pixel can be, see `mask_resizing_fastinst.py`), and the official `semantic_inference` and
+`panoptic_inference`, on masks resized the same way.
 """
 
-import functools
-import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,9 @@ import numpy as np
 import PIL.Image
 import torch
 from torch.nn import functional as F
+from transformers.dynamic_module_utils import get_relative_import_files
 from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     IMAGENET_DEFAULT_MEAN,
@@ -32,12 +33,11 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import logging
 
+from .mask_resizing_fastinst import MASK_STRIDE, iter_binary_masks, resize_mask_logits
+
 logger = logging.get_logger(__name__)
 
 # The mask logits of FastInst are predicted at stride 8 of the padded input.
-MASK_STRIDE = 8
-
-# Module and class of each backend, named in the `auto_map` of saved folders.
 PROCESSOR_CODE = {
     "torchvision": ("image_processing_fastinst", "FastInstImageProcessor"),
     "pil": ("image_processing_pil_fastinst", "FastInstImageProcessorPil"),
@@ -221,14 +221,6 @@ def _masks_from_segmentation_map(
 # ---------------------------------------------------------------------------------------------------------------------
 # Post-processing
 # ---------------------------------------------------------------------------------------------------------------------
-# Dense path (GPU, or where the tiled path is not exact): masks are upsampled in chunks of about this many pixels, so a
-# chunk stays in the CPU cache and the float masks never exist at the target size for all kept queries at once.
-CHUNK_PIXELS = 1_300_000
-# Tiled path (CPU): boolean masks are made for about this many pixels at a time; float values only exist for
-# TILE_BATCH tiles of MASK_TILE x MASK_TILE pixels at a time.
-TILED_CHUNK_PIXELS = 1 << 25
-MASK_TILE = 32
-TILE_BATCH = 1024
 # Above this many bytes of boolean masks per image, the painted map and the RLEs are made in two passes (scores
 # first, then the masks again in score order) instead of holding every mask: bounded memory for huge targets.
 MAX_MASK_BYTES = 1 << 30
@@ -289,201 +281,6 @@ def suppress_duplicates(
         if keep[i]:
             keep[ranked[position + 1 :]] &= ~duplicates[i, ranked[position + 1 :]]
     return keep
-
-
-def bilinear_taps(in_size: int, out_size: int, fused: bool) -> tuple[torch.Tensor, ...]:
-    """
-    Source indices and weights of torch's bilinear resizing (align_corners=False) along one axis, computed in float32
-    the way its CPU kernel does (clamped at both ends; `fused`: `scale * (o + 0.5) - 0.5` as one fma, see `_lerp`):
-    `(i0, i1, w0, w1)`, each `(out_size,)`; output `o` is `input[i0[o]] * w0[o] + input[i1[o]] * w1[o]`.
-    """
-    scale = torch.tensor(in_size, dtype=torch.float32) / out_size
-    centres = torch.arange(out_size, dtype=torch.float32) + 0.5
-    # Both products are exact in float64, so its sum rounded to float32 is the fma.
-    source = (scale.double() * centres.double() - 0.5).float() if fused else scale * centres - 0.5
-    source.clamp_(min=0)
-    i0 = source.floor().long().clamp_(max=in_size - 1)
-    w1 = (source - i0).clamp_(0, 1)
-    i1 = torch.where(i0 < in_size - 1, i0 + 1, i0)
-    return i0, i1, 1 - w1, w1
-
-
-def _lerp(first, second, w0, w1, fused: bool) -> torch.Tensor:
-    """torch's bilinear step `first * w0 + second * w1`. Its AVX2 CPU build fuses the first product into the sum (one
-    rounding: `fma(first, w0, second * w1)`), emulated exactly in float64 when `fused`."""
-    if fused:
-        return (first.double() * w0.double() + (second * w1).double()).float()
-    return first * w0 + second * w1
-
-
-class _Axis:
-    """
-    One axis of the official mask resizing: stride-8 logits (`size`) -> bilinear to the padded input (`8 * size`),
-    crop to `resized`, bilinear to `output`. Holds the taps of both steps (for exact values at given pixels) and, per
-    tile of `tile` output pixels, the window of logits it depends on and the composite float32 weights of the two
-    steps (for approximate values of whole tiles with two small matrix products).
-    """
-
-    def __init__(self, size: int, resized: int, output: int, tile: int, fused: bool):
-        self.first = bilinear_taps(size, size * MASK_STRIDE, fused)
-        self.second = bilinear_taps(resized, output, fused)
-        # Composite weights `(output, size)`: row o mixes the logit rows that output o depends on.
-        first = torch.zeros(size * MASK_STRIDE, size, dtype=torch.float64)
-        i0, i1, w0, w1 = self.first
-        rows = torch.arange(len(i0))
-        first.index_put_((rows, i0), w0.double(), accumulate=True).index_put_((rows, i1), w1.double(), accumulate=True)
-        j0, j1, v0, v1 = self.second
-        weights = v0.double()[:, None] * first[j0] + v1.double()[:, None] * first[j1]
-        self.num_tiles = -(-output // tile)
-        starts = torch.arange(self.num_tiles) * tile
-        ends = (starts + tile).clamp(max=output) - 1
-        self.window_start = i0[j0[starts]]
-        self.window = int((i1[j1[ends]] - self.window_start).max()) + 1
-        # Tile t, pixel k, window row r: logit row window_start[t] + r (past the end: weight 0, index clamped).
-        window_rows = self.window_start[:, None] + torch.arange(self.window)
-        pixels = (starts[:, None] + torch.arange(tile)).clamp(max=output - 1)
-        self.tile_weights = weights[pixels[:, :, None], window_rows.clamp(max=size - 1)[:, None, :]]
-        self.tile_weights *= (window_rows < size)[:, None, :]
-        self.tile_weights = self.tile_weights.float()
-        self.window_rows = window_rows.clamp(max=size - 1)
-        self.valid = starts[:, None] + torch.arange(tile) < output
-
-
-def _resample(taps, positions: torch.Tensor, lookup, fused: bool) -> torch.Tensor:
-    """One bilinear step at output `positions` of one axis; `lookup(indices)` gives the input values there."""
-    i0, i1, w0, w1 = (tap[positions] for tap in taps)
-    return _lerp(lookup(i0), lookup(i1), w0, w1, fused)
-
-
-def exact_mask_logits(logits, maps, ys, xs, rows: _Axis, cols: _Axis, fused: bool) -> torch.Tensor:
-    """
-    `(P,)` resized mask logits at the pixels `(maps, ys, xs)` of `(U, h, w)` stride-8 `logits`, bit-identical to
-    `F.interpolate` to the padded size then to the output size (each step: height outer, width inner, as torch).
-    """
-
-    def padded(ys_padded, xs_padded):
-        def row(h):
-            return _resample(cols.first, xs_padded, lambda c: logits[maps, h, c], fused)
-
-        return _resample(rows.first, ys_padded, row, fused)
-
-    return _resample(rows.second, ys, lambda y: _resample(cols.second, xs, lambda x: padded(y, x), fused), fused)
-
-
-def dense_mask_logits(mask_logits: torch.Tensor, resized_size, output_size) -> torch.Tensor:
-    """`(n, h, w)` stride-8 mask logits -> `(n, *output_size)`: the official bilinear upsampling to the padded input
-    size, crop to `resized_size`, bilinear to `output_size` (skipped when equal: resizing to the same size is the
-    identity)."""
-    padded_size = (mask_logits.shape[-2] * MASK_STRIDE, mask_logits.shape[-1] * MASK_STRIDE)
-    logits = F.interpolate(mask_logits[None], size=padded_size, mode="bilinear", align_corners=False)
-    logits = logits[..., : resized_size[0], : resized_size[1]]
-    if tuple(logits.shape[-2:]) != tuple(output_size):
-        logits = F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False)
-    return logits[0]
-
-
-@functools.lru_cache(maxsize=16)
-def _exact_axes(logit_size, resized_size, output_size) -> tuple[_Axis, _Axis, bool] | None:
-    """
-    `(rows, cols, fused)` with which [`exact_mask_logits`] reproduces [`dense_mask_logits`] bit for bit at these sizes
-    on this CPU, or None. Checked on one random mask at up to 2**20 pixels, because torch's kernel rounds differently
-    with its build (fused multiply-adds) and for small outputs (another kernel).
-    """
-    generator = torch.Generator().manual_seed(0)
-    probe = 4 * torch.randn(1, *logit_size, generator=generator)
-    reference = dense_mask_logits(probe, resized_size, output_size)
-    pixels = torch.randint(0, reference.numel(), (min(reference.numel(), 1 << 20),), generator=generator)
-    maps, ys, xs = torch.unravel_index(pixels, reference.shape)
-    for fused in (True, False):
-        rows = _Axis(logit_size[0], resized_size[0], output_size[0], MASK_TILE, fused)
-        cols = _Axis(logit_size[1], resized_size[1], output_size[1], MASK_TILE, fused)
-        if torch.equal(exact_mask_logits(probe, maps, ys, xs, rows, cols, fused), reference[maps, ys, xs]):
-            return rows, cols, fused
-    return None
-
-
-def _tile_maxima(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
-    """`(n, tile rows, tile cols)` maxima of the logits each output tile depends on: bilinear values are convex
-    combinations, so no pixel of a tile exceeds it (up to rounding)."""
-    row_maxima = logits[:, rows.window_rows].amax(2)
-    return row_maxima[:, :, cols.window_rows].amax(3)
-
-
-def _tile_probabilities(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis, fused, limit, margin):
-    """`(T, MASK_TILE, MASK_TILE)` sigmoid of the resized logits of tiles `(maps, tile_ys, tile_xs)`: two small matrix
-    products with the composite weights, then the exact values (torch's arithmetic) where that approximation is
-    within `margin` of the logit `limit` of the mask threshold, so that thresholding them gives torch's masks."""
-    patches = logits[maps[:, None, None], rows.window_rows[tile_ys][:, :, None], cols.window_rows[tile_xs][:, None, :]]
-    values = rows.tile_weights[tile_ys] @ (patches @ cols.tile_weights[tile_xs].transpose(1, 2))
-    valid = rows.valid[tile_ys][:, :, None] & cols.valid[tile_xs][:, None, :]
-    tiles, ys, xs = torch.nonzero(valid & ((values - limit).abs_() <= margin), as_tuple=True)
-    ys, xs = tile_ys[tiles] * MASK_TILE + ys, tile_xs[tiles] * MASK_TILE + xs
-    values[tiles, ys % MASK_TILE, xs % MASK_TILE] = exact_mask_logits(logits, maps[tiles], ys, xs, rows, cols, fused)
-    return values.sigmoid_(), valid
-
-
-def _tiled_binary_masks(logits: torch.Tensor, axes, output_size, mask_threshold: float):
-    """[`iter_binary_masks`] for one chunk of `(n, h, w)` logits, computing only the tiles where a pixel can pass
-    the threshold: `(masks, mask_scores, areas)`."""
-    rows, cols, fused = axes
-    threshold = float(np.float32(mask_threshold))  # what `probs > mask_threshold` compares with
-    limit = math.log(threshold / (1 - threshold))
-    # Covers the approximation's rounding and the float32 sigmoid's (whose slope at the limit is t * (1 - t)).
-    margin = 1e-4 * (1 + logits.abs().max().item()) + 1e-5 / (threshold * (1 - threshold))
-    maps, tile_ys, tile_xs = torch.nonzero(_tile_maxima(logits, rows, cols) > limit - margin, as_tuple=True)
-    padded = torch.zeros(len(logits), rows.num_tiles * MASK_TILE, cols.num_tiles * MASK_TILE, dtype=torch.bool)
-    tiles = padded.view(len(logits), rows.num_tiles, MASK_TILE, cols.num_tiles, MASK_TILE).transpose(2, 3)
-    sums = torch.zeros(len(logits), dtype=torch.float64)
-    areas = torch.zeros(len(logits), dtype=torch.long)
-    for start in range(0, len(maps), TILE_BATCH):
-        batch = (
-            maps[start : start + TILE_BATCH],
-            tile_ys[start : start + TILE_BATCH],
-            tile_xs[start : start + TILE_BATCH],
-        )
-        probs, valid = _tile_probabilities(logits, *batch, rows, cols, fused, limit, margin)
-        masks = (probs > mask_threshold) & valid
-        tiles[batch] = masks
-        sums.index_add_(0, batch[0], probs.mul_(masks).flatten(1).sum(1).double())
-        areas.index_add_(0, batch[0], masks.flatten(1).sum(1))
-    return padded[:, : output_size[0], : output_size[1]], (sums / (areas + 1e-6)).float(), areas
-
-
-def iter_binary_masks(
-    mask_logits: torch.Tensor,
-    resized_size: tuple[int, int],
-    output_size: tuple[int, int],
-    mask_threshold: float,
-    chunk_pixels: int | None = None,
-):
-    """
-    Official mask upsampling of `(N, h, w)` stride-8 mask logits (see [`dense_mask_logits`]), sigmoid,
-    `> mask_threshold`, a chunk of masks at a time. On CPU, where [`exact_mask_logits`] matches torch's kernel, only
-    the tiles that can hold mask pixels are resized (the same masks, several times faster); otherwise the chunk is
-    resized densely.
-
-    Yields:
-        `(start, masks, mask_scores, areas)`: masks `start : start + n` as `(n, *output_size)` bool, their `(n,)` mask
-        scores `sum(p * mask) / (sum(mask) + 1e-6)` and their `(n,)` areas `sum(mask)`.
-    """
-    threshold = float(np.float32(mask_threshold))
-    axes = None
-    if mask_logits.device.type == "cpu" and mask_logits.dtype == torch.float32 and 0 < threshold < 1:
-        axes = _exact_axes(tuple(mask_logits.shape[-2:]), tuple(resized_size), tuple(output_size))
-    if chunk_pixels is None:
-        chunk_pixels = CHUNK_PIXELS if axes is None else TILED_CHUNK_PIXELS
-    # The dense path also holds the float masks at the padded size; the tiled path only the bool output.
-    padded_pixels = 0 if axes else mask_logits.shape[-2] * mask_logits.shape[-1] * MASK_STRIDE**2
-    chunk = max(1, chunk_pixels // max(padded_pixels, output_size[0] * output_size[1]))
-    for start in range(0, mask_logits.shape[0], chunk):
-        logits = mask_logits[start : start + chunk]
-        if axes is not None:
-            yield start, *_tiled_binary_masks(logits, axes, output_size, mask_threshold)
-            continue
-        probs = dense_mask_logits(logits, resized_size, output_size).contiguous().sigmoid_()
-        masks = probs > mask_threshold
-        areas = torch.count_nonzero(masks.flatten(1), dim=1)
-        yield start, masks, probs.masked_fill_(~masks, 0).flatten(1).sum(1) / (areas + 1e-6), areas
 
 
 def instance_inference_single(
@@ -686,6 +483,89 @@ def post_process_instances_single(
     return {"segmentation": segmentation, "segments_info": segments_info}
 
 
+def semantic_scores_single(class_logits, mask_logits, resized_size, output_size) -> torch.Tensor:
+    """
+    The official `FastInst.semantic_inference` for one image: `(K, H, W)` class scores
+    `sum_q softmax(class_logits)[q, k] * sigmoid(mask_q)` ("no object" dropped), the masks resized as the official
+    inference resizes them ([`resize_mask_logits`]) before the sigmoid.
+    """
+    mask_probs = resize_mask_logits(mask_logits.float(), resized_size, output_size).sigmoid()
+    class_probs = class_logits.float().softmax(-1)[:, :-1]
+    return torch.einsum("qk,qhw->khw", class_probs, mask_probs)
+
+
+def panoptic_inference_single(
+    class_logits: torch.Tensor,
+    mask_logits: torch.Tensor,
+    resized_size: tuple[int, int],
+    output_size: tuple[int, int],
+    threshold: float,
+    mask_threshold: float,
+    overlap_mask_area_threshold: float,
+    label_ids_to_fuse: set[int],
+) -> dict:
+    """
+    The official `FastInst.panoptic_inference` for one image: the queries whose best class (not "no object") has a
+    probability `> threshold` compete for each pixel by `score * sigmoid(mask)`; a query keeps the pixels it wins
+    where its own probability is `>= mask_threshold`, unless it wins less than `overlap_mask_area_threshold` of its
+    own mask. The segments of a label in `label_ids_to_fuse` share one id (the official code fuses "stuff" labels).
+    Returns `{"segmentation": (H, W) int32 segment ids (0 = none), "segments_info": [...]}`.
+    """
+    scores, labels = class_logits.float().softmax(-1).max(-1)
+    keep = labels.ne(class_logits.shape[-1] - 1) & (scores > threshold)
+    scores, labels = scores[keep], labels[keep]
+    segmentation = torch.zeros(output_size, dtype=torch.int32, device=mask_logits.device)
+    segments_info = []
+    if not keep.any():
+        return {"segmentation": segmentation, "segments_info": segments_info}
+    mask_probs = resize_mask_logits(mask_logits[keep].float(), resized_size, output_size).sigmoid()
+    owners = (scores[:, None, None] * mask_probs).argmax(0)
+    fused_ids = {}
+    for k, (label, score) in enumerate(zip(labels.tolist(), scores.tolist())):
+        won, own = owners == k, mask_probs[k] >= mask_threshold
+        won_area, own_area = int(won.sum()), int(own.sum())
+        mask = won & own
+        if won_area == 0 or own_area == 0 or not mask.any() or won_area / own_area < overlap_mask_area_threshold:
+            continue
+        if label in fused_ids:
+            segmentation[mask] = fused_ids[label]
+            continue
+        segment_id = len(segments_info) + 1
+        if label in label_ids_to_fuse:
+            fused_ids[label] = segment_id
+        segmentation[mask] = segment_id
+        segments_info.append(
+            {"id": segment_id, "label_id": label, "was_fused": label in label_ids_to_fuse, "score": score}
+        )
+    return {"segmentation": segmentation, "segments_info": segments_info}
+
+
+def packed_instances_single(
+    class_logits, mask_logits, resized_size, output_size, threshold, mask_threshold, num_detections, duplicate_iou
+) -> dict:
+    """One image of `post_process_instance_segmentation(..., return_packed_masks=True)`: each distinct query's mask
+    made once and bit-packed as it is made (never all of them as bytes)."""
+    packed = []
+
+    def pack(masks):
+        packed.extend(np.packbits(mask.cpu().numpy()) for mask in masks)
+
+    args = (resized_size, output_size, threshold, mask_threshold, num_detections)
+    instance = instance_inference_single(
+        class_logits, mask_logits, *args, keep_masks=False, mask_sink=pack, duplicate_iou_threshold=duplicate_iou
+    )
+    non_empty = instance["areas"] > 0
+    scores, labels = instance["scores"][non_empty].tolist(), instance["labels"][non_empty].tolist()
+    segments_info = [
+        {"id": index, "label_id": label, "was_fused": False, "score": score}
+        for index, (label, score) in enumerate(zip(labels, scores))
+    ]
+    return {
+        "segmentation": [packed[i] for i in instance["mask_indices"][non_empty].tolist()],
+        "segments_info": segments_info,
+    }
+
+
 class FastInstImageProcessingMixin:
     """Backend-independent parts of the FastInst image processors: input checks, targets and post-processing."""
 
@@ -756,7 +636,7 @@ class FastInstImageProcessingMixin:
         return self._preprocess(images, targets=targets, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save as usual, plus the code files and an `auto_map` offering each backend whose code is at hand, so that
+        """Save as usual, plus the code files (with the modules they import) and an `auto_map` offering each backend whose code is at hand, so that
         the folder loads with `trust_remote_code=True` where fastinst_hf is not installed
         (`AutoImageProcessor.from_pretrained(folder, trust_remote_code=True, backend="pil")` for the exact PIL resize).
         The mapping is also kept in memory, so a reloaded processor has the same `to_dict()`.
@@ -765,11 +645,13 @@ class FastInstImageProcessingMixin:
         folder = Path(save_directory)
         backends = {}
         for backend, (module, class_name) in PROCESSOR_CODE.items():
-            source, target = Path(__file__).with_name(f"{module}.py"), folder / f"{module}.py"
+            source = Path(__file__).with_name(f"{module}.py")
             # Under remote code only the modules that were loaded sit in the cache beside this file.
             if source.is_file():
-                if not target.exists() or not target.samefile(source):
-                    shutil.copyfile(source, target)
+                for code_file in [source, *map(Path, get_relative_import_files(source))]:
+                    target = folder / code_file.name
+                    if not target.exists() or not target.samefile(code_file):
+                        shutil.copyfile(code_file, target)
                 backends[backend] = f"{module}.{class_name}"
         self.auto_map = {"AutoImageProcessor": backends}
         config_file = folder / "preprocessor_config.json"
@@ -1004,6 +886,7 @@ class FastInstImageProcessingMixin:
         return_binary_maps: bool | None = False,
         num_detections: int | None = None,
         image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_packed_masks: bool = False,
     ) -> list[dict]:
         """
         Converts [`FastInstForInstanceSegmentation`] outputs into instance segmentation predictions, in the format of
@@ -1025,6 +908,9 @@ class FastInstImageProcessingMixin:
             num_detections (`int`, *optional*): top-k size, defaults to `self.num_detections` (100).
             image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
                 [`~FastInstImageProcessor.instance_inference`] for how it is inferred when absent.
+            return_packed_masks (`bool`): return `segmentation` as a list with each instance's `(H, W)` bool mask
+                bit-packed (`np.packbits` of the flattened mask), in `segments_info` order; each mask is packed as
+                it is made, so many instances of a large image fit in memory.
 
         Returns:
             `list[dict]`, one per image:
@@ -1033,12 +919,18 @@ class FastInstImageProcessingMixin:
             - **segments_info** -- list of `{"id", "label_id", "was_fused" (always False), "score"}`, by descending
               score; `id` is the index in this list.
         """
-        if return_coco_annotation and return_binary_maps:
-            raise ValueError("return_coco_annotation and return_binary_maps can not be both set to True.")
+        if sum(map(bool, (return_coco_annotation, return_binary_maps, return_packed_masks))) > 1:
+            raise ValueError("Set at most one of return_coco_annotation, return_binary_maps and return_packed_masks.")
         # in float32 whatever the model's dtype (thresholds on probabilities, mask areas)
         class_logits, mask_logits = outputs.class_queries_logits.float(), outputs.masks_queries_logits.float()
         check_logits(class_logits, mask_logits)
         num_detections = self.num_detections if num_detections is None else num_detections
+        sizes = self._mask_sizes(outputs, target_sizes, image_sizes)
+        if return_packed_masks:
+            args = (threshold, mask_threshold, num_detections, self.duplicate_iou_threshold)
+            return [
+                packed_instances_single(class_logits[i], mask_logits[i], *size, *args) for i, size in enumerate(sizes)
+            ]
         return [
             post_process_instances_single(
                 class_logits[i],
@@ -1052,7 +944,85 @@ class FastInstImageProcessingMixin:
                 return_binary_maps,
                 self.duplicate_iou_threshold,
             )
-            for i, (resized_size, output_size) in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
+            for i, (resized_size, output_size) in enumerate(sizes)
+        ]
+
+    def post_process_semantic_segmentation(
+        self,
+        outputs,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_segmentation_scores: bool = False,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
+        """
+        Converts [`FastInstForInstanceSegmentation`] outputs into semantic segmentation maps, in the format of
+        `Mask2FormerImageProcessor.post_process_semantic_segmentation`, with the official FastInst
+        `semantic_inference`: per pixel, the class `k` with the highest `sum_q class_prob[q, k] * mask_prob[q]`, the
+        masks resized as the official inference resizes them (to the padded input size, cropped to the resized
+        image, to the target size).
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)`.
+            target_sizes (`(B, 2)`, *optional*): final `(height, width)` per image, normally the original size;
+                without it, the maps are at the resized input size.
+            return_segmentation_scores (`bool`): also return the `(K, H, W)` class scores.
+            image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
+                [`~FastInstImageProcessor.instance_inference`].
+
+        Returns:
+            `list[torch.Tensor]`: one `(H, W)` long map of class ids per image; with `return_segmentation_scores`,
+            `SemanticSegmentationPostProcessorOutput`s with `segmentation` and `segmentation_scores`.
+        """
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
+        results = []
+        for i, sizes in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes)):
+            scores = semantic_scores_single(class_logits[i], mask_logits[i], *sizes)
+            data = {"segmentation": scores.argmax(0), "segmentation_scores": scores}
+            results.append(SemanticSegmentationPostProcessorOutput(data=data))
+        return results if return_segmentation_scores else [result.segmentation for result in results]
+
+    def post_process_panoptic_segmentation(
+        self,
+        outputs,
+        threshold: float = 0.8,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.8,
+        label_ids_to_fuse: set[int] | None = None,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        image_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+    ) -> list[dict]:
+        """
+        Converts [`FastInstForInstanceSegmentation`] outputs into panoptic segmentation predictions, in the format of
+        `Mask2FormerImageProcessor.post_process_panoptic_segmentation`, with the official FastInst
+        `panoptic_inference` (see [`panoptic_inference_single`]) on masks resized as the official inference resizes
+        them. The defaults are the official test settings (`OBJECT_MASK_THRESHOLD` and `OVERLAP_THRESHOLD` 0.8).
+
+        Args:
+            outputs: model output with `class_queries_logits` `(B, Q, K+1)` and `masks_queries_logits` `(B, Q, h, w)`.
+            threshold (`float`, defaults to 0.8): minimum class probability of a query's best class.
+            mask_threshold (`float`, defaults to 0.5): probability from which a pixel belongs to a query's mask.
+            overlap_mask_area_threshold (`float`, defaults to 0.8): a query whose mask keeps less than this fraction
+                of its pixels after the competition gives no segment.
+            label_ids_to_fuse (`set[int]`, *optional*): labels whose segments share a single id (e.g. "stuff"
+                classes such as sky); none by default: the released FastInst models detect "thing" classes only.
+            target_sizes (`(B, 2)`, *optional*): final `(height, width)` per image, normally the original size.
+            image_sizes (`(B, 2)`, *optional*): resized, unpadded `(height, width)` per image; see
+                [`~FastInstImageProcessor.instance_inference`].
+
+        Returns:
+            `list[dict]`, one per image:
+            - **segmentation** -- `(H, W)` int32 tensor of segment ids, 0 where no segment is.
+            - **segments_info** -- list of `{"id", "label_id", "was_fused", "score"}` (ids from 1, in query order;
+              `score` is the class probability).
+        """
+        class_logits, mask_logits = outputs.class_queries_logits, outputs.masks_queries_logits
+        check_logits(class_logits, mask_logits)
+        label_ids_to_fuse = set() if label_ids_to_fuse is None else set(label_ids_to_fuse)
+        settings = (threshold, mask_threshold, overlap_mask_area_threshold, label_ids_to_fuse)
+        return [
+            panoptic_inference_single(class_logits[i], mask_logits[i], *sizes, *settings)
+            for i, sizes in enumerate(self._mask_sizes(outputs, target_sizes, image_sizes))
         ]
 
 

@@ -20,10 +20,12 @@ from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
 from transformers.modeling_layers import GradientCheckpointingLayer
-from transformers.modeling_utils import PreTrainedModel
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 from transformers.utils import ModelOutput, logging
 
-from .configuration_fastinst import FastInstConfig, FastInstResNetVdConfig
+from .configuration_fastinst import FastInstConfig
+from .configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from .loss_fastinst import FastInstLoss, build_gt_attention_mask, validate_targets
 from .modeling_fastinst_resnet_vd import FastInstResNetVdBackbone
 
@@ -33,7 +35,7 @@ logger = logging.get_logger(__name__)
 @dataclass
 class FastInstModelOutput(ModelOutput):
     r"""
-    Every tensor is batch-first; the per-layer fields are only returned when asked for.
+    Every tensor is batch-first; the last hidden states are always returned, the per-layer fields only when asked for.
 
     class_queries_logits (`torch.FloatTensor` of shape `(batch_size, num_queries, num_labels + 1)`):
         Class logits of every instance query from the last prediction head; the last class is "no object".
@@ -46,6 +48,12 @@ class FastInstModelOutput(ModelOutput):
         Logits of the auxiliary classification head on E4 that guides the query selection.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat indices into the stride-16 grid of the selected instance-activation-guided queries.
+    encoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_channels, height / 32, width / 32)`):
+        The backbone's last feature map (stride 32).
+    pixel_decoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, hidden_dim, height / 8, width / 8)`):
+        The stride-8 pixel features the last prediction head makes the masks from (after the last decoder layer).
+    transformer_decoder_last_hidden_state (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`):
+        The queries after the last decoder layer (the instance queries first, then the auxiliary ones).
     query_position_embeddings (`torch.FloatTensor` of shape `(batch_size, num_queries + num_auxiliary_queries, hidden_dim)`, *optional*):
         Positional embeddings of the queries, returned with `output_hidden_states=True`.
     pixel_position_embeddings (`torch.FloatTensor` of shape `(batch_size, height / 8 * width / 8, hidden_dim)`, *optional*):
@@ -76,6 +84,9 @@ class FastInstModelOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_indices: torch.LongTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
+    transformer_decoder_last_hidden_state: torch.FloatTensor | None = None
     query_position_embeddings: torch.FloatTensor | None = None
     pixel_position_embeddings: torch.FloatTensor | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -89,7 +100,8 @@ class FastInstModelOutput(ModelOutput):
 @dataclass
 class FastInstForInstanceSegmentationOutput(ModelOutput):
     r"""
-    Every tensor is batch-first; the per-layer fields are only returned when asked for (see [`FastInstModelOutput`]).
+    Every tensor is batch-first; the last hidden states are always returned, the per-layer fields only when asked for
+    (see [`FastInstModelOutput`]).
     `loss_dict` comes last, and the configuration's `keys_to_ignore_at_inference` lists it, so that the Trainer's
     prediction tuple starts with the class and mask logits.
 
@@ -107,6 +119,8 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
         Logits of the instance-activation (proposal) classification head.
     proposal_indices (`torch.LongTensor` of shape `(batch_size, num_queries)`):
         Flat stride-16 indices of the selected queries.
+    encoder_last_hidden_state, pixel_decoder_last_hidden_state, transformer_decoder_last_hidden_state:
+        As in [`FastInstModelOutput`] (Mask2Former's names).
     encoder_hidden_states, pixel_decoder_hidden_states, query_hidden_states, pixel_hidden_states, attentions, image_sizes:
         As in [`FastInstModelOutput`].
     loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
@@ -120,6 +134,9 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
     auxiliary_logits: list[dict[str, torch.FloatTensor]] | None = None
     proposal_logits: torch.FloatTensor | None = None
     proposal_indices: torch.LongTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+    pixel_decoder_last_hidden_state: torch.FloatTensor | None = None
+    transformer_decoder_last_hidden_state: torch.FloatTensor | None = None
     encoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     pixel_decoder_hidden_states: tuple[torch.FloatTensor, ...] | None = None
     query_hidden_states: tuple[torch.FloatTensor, ...] | None = None
@@ -293,8 +310,28 @@ def freeze_batch_norm(module: nn.Module) -> nn.Module:
     return module
 
 
+# The class flag that says whether a model runs an attention implementation (by name prefix); eager always runs.
+ATTENTION_SUPPORT_FLAGS = {"sdpa": "_supports_sdpa", "flash": "_supports_flash_attn", "flex": "_supports_flex_attn"}
+
+
+def backbone_supports_attention(backbone_config, implementation: str | None) -> bool:
+    """Whether the backbone built from `backbone_config` accepts the attention `implementation` (True when unknown)."""
+    if isinstance(backbone_config, FastInstResNetVdConfig):
+        backbone_class = FastInstResNetVdBackbone
+    else:
+        backbone_class = MODEL_FOR_BACKBONE_MAPPING.get(type(backbone_config), None)
+    flag = next((f for prefix, f in ATTENTION_SUPPORT_FLAGS.items() if (implementation or "").startswith(prefix)), None)
+    return backbone_class is None or flag is None or getattr(backbone_class, flag, False)
+
+
 def build_backbone(config: FastInstConfig) -> nn.Module:
-    """The backbone named by `config.backbone_config`; its `feature_maps` are the strides 8, 16, 32 maps."""
+    """The backbone named by `config.backbone_config`; its `feature_maps` are the strides 8, 16, 32 maps.
+
+    An attention implementation requested for the whole model (`attn_implementation="sdpa"`) that the backbone cannot
+    run (a ResNet has no attention) leaves the backbone at its own default instead of failing.
+    """
+    if not backbone_supports_attention(config.backbone_config, config.backbone_config._attn_implementation):
+        config.backbone_config._attn_implementation_internal = None
     if isinstance(config.backbone_config, FastInstResNetVdConfig):
         backbone = FastInstResNetVdBackbone(config.backbone_config)
     else:
@@ -483,14 +520,101 @@ def proposal_locations(indices: Tensor, height: int, width: int) -> Tensor:
 # ---------------------------------------------------------------------------------------------------------------------
 # 4. Dual-path decoder layers
 # ---------------------------------------------------------------------------------------------------------------------
+def eager_attention_forward(
+    module: nn.Module,
+    query: Tensor,
+    key: Tensor,
+    value: Tensor,
+    attention_mask: Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[Tensor, Tensor]:
+    """Attention written out: `query` [B, heads, L, D], `key`/`value` [B, heads, S, D], `attention_mask` additive
+    [B, heads, L, S] or None. Returns the output [B, L, heads, D] and the weights [B, heads, L, S], which stay in the
+    autograd graph (a gradient reaches an attention map a caller retains)."""
+    attn_weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = F.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = F.dropout(attn_weights, p=dropout, training=module.training)
+    attn_output = torch.matmul(attn_weights, value).transpose(1, 2).contiguous()
+    return attn_output, attn_weights
+
+
+# Implementations that take a dense [L, S] attention mask; the masked query cross-attention falls back to `sdpa`
+# under any other (the flash kernels only take padding masks).
+DENSE_MASK_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+class FastInstAttention(nn.Module):
+    """Multi-head attention through transformers' attention interface (`config._attn_implementation`).
+
+    Its parameters are those of `nn.MultiheadAttention` (packed `in_proj_weight` / `in_proj_bias` for query, key and
+    value, then `out_proj`), so official and saved checkpoints load unchanged. With `output_attentions` it runs the
+    eager path, whose weights are part of the graph; `sdpa` and the flash kernels return none.
+    """
+
+    def __init__(self, config: FastInstConfig):
+        super().__init__()
+        self.config = config
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.hidden_dim // config.num_attention_heads
+        if self.head_dim * self.num_heads != config.hidden_dim:
+            raise ValueError(
+                f"hidden_dim={config.hidden_dim} is not divisible by num_attention_heads={config.num_attention_heads}"
+            )
+        self.scaling = self.head_dim**-0.5
+        self.dropout = config.dropout
+        self.is_causal = False
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * config.hidden_dim, config.hidden_dim))
+        self.in_proj_bias = nn.Parameter(torch.empty(3 * config.hidden_dim))
+        self.out_proj = nn.Linear(config.hidden_dim, config.hidden_dim)
+
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None = None,
+        output_attentions: bool = False,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`query` [B, L, C], `key` and `value` [B, S, C]; `attention_mask` bool [B*heads, L, S], True = blocked
+        (no row may be fully blocked). Returns the output [B, L, C] and the weights [B, heads, L, S] or None."""
+        batch_size, length = query.shape[:2]
+        weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
+        query, key, value = (
+            F.linear(states, weight, bias).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+            for states, weight, bias in zip((query, key, value), weights, biases)
+        )
+        implementation = "eager" if output_attentions else self.config._attn_implementation
+        if attention_mask is not None:
+            blocked = attention_mask.view(batch_size, self.num_heads, length, -1)
+            attention_mask = torch.zeros_like(blocked, dtype=query.dtype).masked_fill(
+                blocked, torch.finfo(query.dtype).min
+            )
+            if implementation not in DENSE_MASK_IMPLEMENTATIONS:
+                implementation = "sdpa"
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.dropout if self.training else 0.0,
+            scaling=self.scaling,
+            is_causal=False,
+        )
+        return self.out_proj(attn_output.reshape(batch_size, length, -1)), attn_weights
+
+
 class FastInstAttentionLayer(nn.Module):
     """Post-norm attention sub-layer: `LN(x + MHA(q=x+pos_x, k=memory+pos_memory, v=memory, mask))`."""
 
     def __init__(self, config: FastInstConfig):
         super().__init__()
-        self.attention = nn.MultiheadAttention(
-            config.hidden_dim, config.num_attention_heads, dropout=config.dropout, batch_first=True
-        )
+        self.attention = FastInstAttention(config)
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(config.hidden_dim, eps=config.layer_norm_eps)
 
@@ -509,9 +633,8 @@ class FastInstAttentionLayer(nn.Module):
             hidden_states + position_embeddings,
             memory + memory_position_embeddings,
             memory,
-            attn_mask=attention_mask,
-            need_weights=output_attentions,
-            average_attn_weights=False,
+            attention_mask=attention_mask,
+            output_attentions=output_attentions,
         )
         return self.norm(hidden_states + self.dropout(attended)), weights
 
@@ -699,6 +822,10 @@ class FastInstPreTrainedModel(PreTrainedModel):
         "decoder.prediction_heads",
         "position_embedding",
     ]
+    # Attention goes through `config._attn_implementation` ([`FastInstAttention`]): the pixel cross- and query
+    # self-attention run any implementation, the masked query cross-attention (a dense mask) eager or sdpa only.
+    _supports_sdpa = True
+    _supports_flash_attn = True
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):
@@ -710,6 +837,16 @@ class FastInstPreTrainedModel(PreTrainedModel):
         if names:
             logger.warning(f"{len(names)} weight tensor(s) hold NaN or Inf values: {', '.join(names[:5])}")
         return loaded
+
+    def set_attn_implementation(self, attn_implementation: str | dict, **kwargs):
+        """`PreTrainedModel.set_attn_implementation`; a backbone that cannot run the requested implementation keeps
+        its own (as when the model is built, see `build_backbone`)."""
+        backbone_config = self.config.backbone_config
+        if isinstance(attn_implementation, str) and not backbone_supports_attention(
+            backbone_config, attn_implementation
+        ):
+            attn_implementation = {"": attn_implementation, "backbone_config": backbone_config._attn_implementation}
+        return super().set_attn_implementation(attn_implementation, **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # `pipeline("image-segmentation")` loads remote code through AutoModelForImageSegmentation and the example
@@ -748,8 +885,8 @@ class FastInstPreTrainedModel(PreTrainedModel):
         elif isinstance(module, FastInstConvNormLayer):
             # detectron2's c2_xavier_fill (the convolutions have no bias)
             init.kaiming_uniform_(module.conv.weight, a=1)
-        elif isinstance(module, nn.MultiheadAttention):
-            # upstream: xavier for every weight matrix, zero biases (torch's own MHA init zeroes them)
+        elif isinstance(module, FastInstAttention):
+            # upstream: xavier for every weight matrix, zero biases (as torch's nn.MultiheadAttention)
             init.xavier_uniform_(module.in_proj_weight)
             init.xavier_uniform_(module.out_proj.weight)
             init.zeros_(module.in_proj_bias)
@@ -897,6 +1034,9 @@ class FastInstModel(FastInstPreTrainedModel):
             auxiliary_logits=auxiliary_logits if output_auxiliary_logits else None,
             proposal_logits=proposal_logits,
             proposal_indices=proposal_indices,
+            encoder_last_hidden_state=features[-1],
+            pixel_decoder_last_hidden_state=pixel_hidden_states[-1].transpose(1, 2).unflatten(2, pixel_map.shape[-2:]),
+            transformer_decoder_last_hidden_state=query_hidden_states[-1],
             query_position_embeddings=query_position if hidden else None,
             pixel_position_embeddings=pixel_position.expand(pixel_values.shape[0], -1, -1) if hidden else None,
             query_hidden_states=query_hidden_states if hidden else None,
@@ -971,6 +1111,9 @@ class FastInstForInstanceSegmentation(FastInstPreTrainedModel):
             auxiliary_logits=auxiliary_logits if (output_auxiliary_logits or deep_supervision) else None,
             proposal_logits=outputs.proposal_logits,
             proposal_indices=outputs.proposal_indices,
+            encoder_last_hidden_state=outputs.encoder_last_hidden_state,
+            pixel_decoder_last_hidden_state=outputs.pixel_decoder_last_hidden_state,
+            transformer_decoder_last_hidden_state=outputs.transformer_decoder_last_hidden_state,
             encoder_hidden_states=outputs.encoder_hidden_states if hidden else None,
             pixel_decoder_hidden_states=outputs.pixel_decoder_hidden_states if hidden else None,
             query_hidden_states=outputs.query_hidden_states if hidden else None,

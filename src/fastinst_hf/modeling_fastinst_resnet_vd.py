@@ -14,7 +14,7 @@ from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_outputs import BackboneOutput
 from transformers.modeling_utils import PreTrainedModel
 
-from .configuration_fastinst import FastInstResNetVdConfig
+from .configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 
 
 class FastInstResNetVdDeformConv2d(nn.Module):

@@ -12,7 +12,6 @@ alike; medians and min-max spreads are reported, with ratios to the first runtim
 from __future__ import annotations
 
 import contextlib
-import copy
 import importlib.util
 import json
 import platform
@@ -27,17 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..inference.levers import (
-    AutocastModel,
-    OnnxRuntimeModel,
-    OpenVinoModel,
-    cpu_supports_bf16,
-    int8_unavailable,
-    prepare_for_inference,
-    quantized_graph,
-    to_channels_last,
-)
-from ..inference.precision import DEFAULT_SPLIT, apply_split
+from ..inference.levers import cpu_supports_bf16
+from ..inference.runtimes import RUNTIMES, Runtime, build_runtime, runtime_unavailable
 from ..utils.device import synchronize
 from ..utils.flops import count_flops, paper_gflops
 from .timing import (
@@ -50,43 +40,6 @@ from .timing import (
 )
 from .training_step import time_training
 
-
-@dataclass
-class Runtime:
-    """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or the exported ONNX
-    graph run by `graph_runtime` ("onnxruntime" or "openvino"; with precision "int8", quantized by NNCF with
-    `int8_scheme` of `INT8_SCHEMES` and calibrated on `calibration_images`)."""
-
-    name: str
-    model_folds: bool = True  # the model's own eval-mode batch-norm folding (False: op for op, as the official)
-    fold_norms: bool = False
-    channels_last: bool = False
-    compile: bool = False
-    precision: str = "fp32"
-    graph_runtime: str | None = None
-    int8_scheme: str | None = None
-    weights_split: str | None = None  # bfloat16 weights with this `FP32_SPLITS` split kept in float32
-
-
-RUNTIMES = {
-    runtime.name: runtime
-    for runtime in (
-        Runtime("eager"),
-        Runtime("unfolded", model_folds=False),
-        Runtime("folded", fold_norms=True),
-        Runtime("folded+channels_last", fold_norms=True, channels_last=True),
-        Runtime("compile", fold_norms=True, compile=True),
-        Runtime("onnxruntime", graph_runtime="onnxruntime"),
-        Runtime("openvino", graph_runtime="openvino"),
-        Runtime("openvino-int8", graph_runtime="openvino", precision="int8", int8_scheme="backbone"),
-        Runtime("openvino-int8-all", graph_runtime="openvino", precision="int8", int8_scheme="all"),
-        Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
-        # what `from_pretrained(..., dtype=torch.bfloat16)` loads (`_keep_in_fp32_modules_strict`)
-        Runtime("bf16-weights", precision="bf16", weights_split=DEFAULT_SPLIT),
-        Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
-        Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
-    )
-}
 DEFAULT_RUNTIMES = ("eager", "unfolded", "folded+channels_last", "onnxruntime", "bf16+channels_last", "bf16-weights")
 
 # RF-DETR-Seg sizes (class in `rfdetr`); COCO mask AP per its docs: nano 40.3 at 312 px, small 43.1 at 384 px, the
@@ -102,41 +55,11 @@ PEER_PACKAGES = {
 
 
 def build_runner(runtime: Runtime, model, example: torch.Tensor, workdir: Path) -> Callable:
-    """`pixel_values -> outputs` for `runtime` (model already on the example's device)."""
-    if runtime.graph_runtime is not None:
-        from ..inference.onnx_export import export_onnx
-
-        path = workdir / "model.onnx"
-        if not path.is_file():  # onnxruntime and openvino run the same graph
-            export_onnx(model, path, *example.shape[-2:], dynamic=True)
-        if runtime.precision == "int8":
-            path = quantized_graph(path, calibration_images(example), runtime.int8_scheme)
-        if runtime.graph_runtime == "onnxruntime":
-            return OnnxRuntimeModel(path, num_threads=torch.get_num_threads(), spinning=False)
-        return OpenVinoModel(path, num_threads=torch.get_num_threads())
-    if not runtime.model_folds:
-        return _op_for_op(model)
-    if runtime.weights_split is not None:
-        return apply_split(copy.deepcopy(model), torch.bfloat16, runtime.weights_split)
-    prepared = prepare_for_inference(model, runtime.fold_norms, runtime.channels_last, runtime.compile)
-    if runtime.precision != "fp32":
-        prepared = AutocastModel(prepared, runtime.precision)
-    if not runtime.channels_last:
-        return prepared
-    return lambda pixel_values: prepared(to_channels_last(pixel_values))
-
-
-def _op_for_op(model) -> Callable:
-    """`model` run with its batch-norm folding off (`set_batch_norm_folding(False)`) for the call only."""
-
-    def run(pixel_values):
-        model.set_batch_norm_folding(False)
-        try:
-            return model(pixel_values)
-        finally:
-            model.set_batch_norm_folding(True)
-
-    return run
+    """`pixel_values -> outputs` for `runtime` (model already on the example's device): the runtime factory's
+    runner, the graph exported under `workdir` (onnxruntime's idle threads sleeping: other processes are timed
+    meanwhile), int8 calibrated on `calibration_images(example)`."""
+    calibration = calibration_images(example) if runtime.precision == "int8" else ()
+    return build_runtime(runtime, model, workdir, calibration, num_threads=torch.get_num_threads(), spinning=False)
 
 
 def calibration_images(example: torch.Tensor, count: int = 8) -> list[torch.Tensor]:
@@ -149,18 +72,10 @@ def calibration_images(example: torch.Tensor, count: int = 8) -> list[torch.Tens
 
 
 def available(runtime: Runtime, device: torch.device) -> str | None:
-    """Why `runtime` cannot run here, or None."""
+    """Why `runtime` is not timed here, or None (the benchmark times the cuda-* rows alone on CUDA)."""
     if runtime.name.startswith("cuda") != (device.type == "cuda"):
         return "CUDA runtimes run on CUDA only, CPU runtimes on CPU only"
-    if runtime.graph_runtime is not None and device.type != "cpu":
-        return f"the {runtime.graph_runtime} runtime is CPU only here"
-    if runtime.graph_runtime is not None and importlib.util.find_spec(runtime.graph_runtime) is None:
-        return f"the package {runtime.graph_runtime} is not installed"
-    if runtime.precision == "int8" and (reason := int8_unavailable()):
-        return reason
-    if device.type == "cpu" and runtime.precision == "bf16" and not cpu_supports_bf16():
-        return "this CPU has no bf16 units (emulated bf16 is slower than fp32); pass --force-bf16 to time it anyway"
-    return None
+    return runtime_unavailable(runtime, device)
 
 
 @dataclass

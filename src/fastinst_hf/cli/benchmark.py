@@ -10,10 +10,9 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..configuration_fastinst import VARIANTS
 from ..utils.arguments import HelpFormatter
 from ..utils.errors import InputError, one_line
-from .options import add_device_argument
+from .options import VARIANT_NAMES, add_device_argument
 
 if TYPE_CHECKING:
     import numpy as np
@@ -59,7 +58,7 @@ def add_parser(commands) -> None:
         "released variant, 480x640 image, top-100 instances), interleaved A,B,A,B; prints a Markdown table.",
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("--variant", default="fastinst-d1-r50", choices=sorted(VARIANTS), help="random weights")
+    parser.add_argument("--variant", default="fastinst-d1-r50", choices=VARIANT_NAMES, help="random weights")
     parser.add_argument("--model", default=None, help="time this trained model instead of random --variant weights")
     parser.add_argument("--image", default=None, help="image file (default: a bundled demo image at 480x640)")
     add_device_argument(parser)
@@ -92,10 +91,47 @@ def add_parser(commands) -> None:
     )
     parser.add_argument("--json", default=None, help="write the full result here")
     parser.add_argument("--table-from", default=None, help="only print the table of a saved --json result")
+    parser.add_argument(
+        "--video",
+        nargs="?",
+        const="",
+        default=None,
+        metavar="CLIP",
+        help="instead: end-to-end video frames/s (predict's decode + model + overlay + H.264 + JSONL) next to "
+        "model-only frames/s on the same frames, with --model (default: the embedded model) and predict's default "
+        "runtime; CLIP defaults to a synthetic clip of --video-frames frames",
+    )
+    parser.add_argument("--video-frames", type=int, default=60, help="frames of the synthetic --video clip")
     parser.set_defaults(run=run)
 
 
+def run_video(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..benchmarks.video import format_video_result, run_video_benchmark
+    from ..inference.predictor import Predictor
+    from ..utils.files import atomic_write_text
+
+    clip = Path(args.video) if args.video else None
+    if clip is not None and not clip.is_file():
+        raise InputError(f"--video: no such file {clip}")
+    if args.video_frames < 1:
+        raise InputError(f"--video-frames must be >= 1, got {args.video_frames}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    predictor = Predictor(args.model, args.device)
+    result = run_video_benchmark(predictor, clip, args.video_frames, rounds=max(1, args.runs // 2))
+    result["model"] = str(predictor.model_dir)
+    print(f"model: {result['model']}")
+    print(format_video_result(result))
+    if args.json:
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.video is not None:
+        return run_video(args)
     if args.table_from:
         from ..benchmarks.runtimes import format_table
 
@@ -140,9 +176,9 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     from .. import FastInstForInstanceSegmentation
     from ..benchmarks.runtimes import format_table, run_benchmark
-    from ..configuration_fastinst import FastInstConfig
     from ..image_processing_fastinst import FastInstImageProcessor
     from ..inference.loading import load_model_and_processor
+    from ..releases import variant_config
     from ..utils.device import select_device
     from ..utils.files import atomic_write_text
 
@@ -154,7 +190,7 @@ def _benchmark(args: argparse.Namespace) -> int:
         model, processor, _ = load_model_and_processor(args.model, device)
     else:
         torch.manual_seed(0)
-        model, processor = FastInstForInstanceSegmentation(FastInstConfig.from_variant(args.variant)), None
+        model, processor = FastInstForInstanceSegmentation(variant_config(args.variant)), None
     processor = processor or FastInstImageProcessor()
     result = run_benchmark(model, processor, _image(args.image), device, options)
     result["model"] = args.model or f"{args.variant} (random weights)"

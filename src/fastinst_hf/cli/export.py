@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
-from ..inference.loading import load_model_and_processor
-from ..inference.onnx_export import export_onnx
 from ..utils.arguments import HelpFormatter
 from ..utils.errors import InputError, one_line
 from ..utils.files import check_output_file
@@ -17,7 +13,6 @@ from .options import add_model_argument
 def add_parser(commands) -> None:
     parser = commands.add_parser(
         "export",
-        help="export the model to ONNX (dynamic batch, height and width)",
         description="Export a FastInst model to ONNX; the instance post-processing stays in Python.",
         formatter_class=HelpFormatter,
     )
@@ -29,12 +24,20 @@ def add_parser(commands) -> None:
     parser.set_defaults(run=run)
 
 
-def run(args: argparse.Namespace) -> int:
+def validate(args: argparse.Namespace) -> None:
     for name in ("height", "width"):
         value = getattr(args, name)
         if value is not None and (value <= 0 or value % 32):
             raise InputError(f"--{name} must be a positive multiple of 32, got {value}")
     check_output_file(args.output, "--output")
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..inference.loading import load_model_and_processor
+    from ..inference.onnx_export import export_onnx
+
     model, _, _ = load_model_and_processor(args.model)
     config = model.config
     # Default example input: the model's test size, rounded up to the padded size.

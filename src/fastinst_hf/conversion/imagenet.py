@@ -5,7 +5,7 @@ from pathlib import Path
 
 import torch
 
-from ..configuration_fastinst import FastInstResNetVdConfig
+from ..configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from .official import apply_rules, check_state_dict, load_official_checkpoint
 
 _TORCHVISION_RESNET_RULES = [

@@ -11,13 +11,16 @@ from pathlib import Path
 
 import torch
 import yaml
+from huggingface_hub.errors import StrictDataclassError
 
-from ..configuration_fastinst import OFFICIAL_RELEASE_URL, VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..configuration_fastinst import FastInstConfig
+from ..configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from ..hub.model_card import render_model_card
 from ..hub.push import push_model_to_hub
 from ..image_processing_fastinst import image_processor_for_config
 from ..modeling_fastinst import FastInstForInstanceSegmentation
-from ..utils.errors import InputError
+from ..releases import OFFICIAL_RELEASE_URL, VARIANTS, coco_labels, variant_config
+from ..utils.errors import InputError, one_line
 from ..utils.files import atomic_write_text
 
 DROPPED_KEYS = ("criterion.empty_weight", "sem_seg_head.predictor.criterion.empty_weight")
@@ -84,28 +87,63 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
-def read_detectron2_config(path: str | Path) -> dict:
+def read_detectron2_config(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     """Flat `{"MODEL.FASTINST.DEC_LAYERS": 3, ...}` view of a detectron2 YAML, following `_BASE_` relative to each
-    file (an upstream config file) or reading a full `cfg.dump()` as is."""
+    file (an upstream config file) or reading a full `cfg.dump()` as is. `_chain`: the files that include this one."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file not found: {path}")
     try:
-        tree = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as error:
-        raise CheckpointConversionError(f"{path} is not valid YAML: {error}") from error
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise CheckpointConversionError(f"{path} is not valid YAML text: {one_line(error)}") from error
     if not isinstance(tree, dict):
         raise CheckpointConversionError(f"{path} is not a detectron2 config (expected a YAML mapping)")
     base = tree.pop("_BASE_", None)
-    flat = read_detectron2_config(path.parent / base) if base else {}
+    flat = {}
+    if base is not None:
+        if not isinstance(base, str) or not base:
+            raise CheckpointConversionError(f"{path}: _BASE_ must be a file name, got {base!r}")
+        base_path = path.parent / base
+        chain = (*_chain, path.resolve())
+        if base_path.resolve() in chain:
+            raise CheckpointConversionError(
+                f"{path}: the _BASE_ chain loops back to {base_path} ({' -> '.join(p.name for p in chain)})"
+            )
+        if not base_path.is_file():
+            raise CheckpointConversionError(f"{path}: _BASE_ names {base_path}, which is not a file")
+        flat = read_detectron2_config(base_path, chain)
     flat.update(_flatten(tree))
     return flat
+
+
+def check_config_types(cfg: dict, path: str | Path) -> None:
+    """Every key the conversion reads has the type of its detectron2 default (an int may stand for a float; a list
+    of numbers or booleans stays one); raises `CheckpointConversionError` naming the file and key."""
+    for key, default in _DETECTRON2_DEFAULTS.items():
+        value = cfg[key]
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, int):
+            ok = isinstance(value, int) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        elif isinstance(default, list):
+            item_type = (bool,) if isinstance(default[0], bool) else (int, float)
+            ok = isinstance(value, list) and all(isinstance(item, item_type) for item in value)
+            ok = ok and (isinstance(default[0], bool) or not any(isinstance(item, bool) for item in value))
+        else:
+            ok = isinstance(value, type(default))
+        if not ok:
+            expected = f"a list of {type(default[0]).__name__}" if isinstance(default, list) else type(default).__name__
+            raise CheckpointConversionError(f"{path}: {key} must be {expected} (like {default!r}), got {value!r}")
 
 
 def config_from_detectron2(path: str | Path) -> FastInstConfig:
     """A [`FastInstConfig`] equal to the official model that a detectron2 config file builds."""
     cfg = dict(_DETECTRON2_DEFAULTS)
     cfg.update(read_detectron2_config(path))
+    check_config_types(cfg, path)
 
     def unsupported(key, expected):
         raise CheckpointConversionError(f"{path}: {key}={cfg[key]!r} is not supported (expected {expected})")
@@ -162,6 +200,13 @@ def config_from_detectron2(path: str | Path) -> FastInstConfig:
         unsupported("MODEL.BACKBONE.NAME", "build_resnet_backbone or build_resnet_vd_backbone")
 
     num_queries = cfg["MODEL.FASTINST.NUM_OBJECT_QUERIES"]
+    try:
+        return _fastinst_config(cfg, backbone_config, num_queries)
+    except (StrictDataclassError, ValueError, TypeError, ArithmeticError) as error:
+        raise CheckpointConversionError(f"{path}: the values make no FastInst config: {one_line(error)}") from error
+
+
+def _fastinst_config(cfg: dict, backbone_config, num_queries: int) -> FastInstConfig:
     return FastInstConfig(
         backbone_config=backbone_config,
         pixel_decoder_channels=cfg["MODEL.SEM_SEG_HEAD.CONVS_DIM"],
@@ -193,7 +238,7 @@ def config_from_detectron2(path: str | Path) -> FastInstConfig:
 
 def _labels_kwargs(num_classes: int) -> dict:
     if num_classes == 80:
-        return {}  # FastInstConfig defaults to the COCO class names
+        return coco_labels()
     return {"id2label": {i: f"class_{i}" for i in range(num_classes)}}
 
 
@@ -407,9 +452,13 @@ def convert_checkpoint(
     if config_file is not None:
         config = config_from_detectron2(config_file)
     elif variant is not None:
-        config = FastInstConfig.from_variant(variant)
+        config = variant_config(variant)
     official = load_official_checkpoint(checkpoint)
-    model = FastInstForInstanceSegmentation(config)
+    try:
+        model = FastInstForInstanceSegmentation(config)
+    except (ValueError, TypeError, ArithmeticError, RuntimeError) as error:
+        source = config_file or variant or "config"
+        raise CheckpointConversionError(f"{source}: the config makes no model: {one_line(error)}") from error
     state_dict = convert_state_dict(official, model.state_dict(), source=str(checkpoint))
     model.load_state_dict(state_dict, strict=True)
     return model.eval()

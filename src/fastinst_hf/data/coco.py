@@ -67,6 +67,8 @@ def load_coco_json(annotation_file: str | os.PathLike) -> dict:
             data = json.load(f)
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path}: not a JSON text file (byte {err.start} is not UTF-8: {err.reason})") from err
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object with 'images', 'annotations', 'categories'")
     for key in ("images", "annotations", "categories"):

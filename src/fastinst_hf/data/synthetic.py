@@ -12,6 +12,7 @@ import json
 import os
 import random
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -299,3 +300,42 @@ def make_nuclei_dataset(
     train = _tile_coco(rgb, labels, (0, split_x), tile, min_area, image_dir, "train")
     val = _tile_coco(rgb, labels, (split_x, width), tile, min_area, image_dir, "val")
     return write_coco_json(out_dir / "train.json", train), write_coco_json(out_dir / "val.json", val)
+
+
+def moving_shapes_frames(
+    num_frames: int, image_size: tuple[int, int] = (256, 256), num_shapes: int = 3, seed: int = 0
+) -> Iterator[tuple[np.ndarray, list[np.ndarray], list[int]]]:
+    """A clip of the shapes of `make_shapes_dataset` (classes 0..2, one per kind, in turn) moving in straight lines
+    and bouncing off the borders, over one textured background (fresh pixel noise per frame).
+
+    Yields per frame `(image (H, W, 3) uint8, visible masks (H, W) bool, labels)`, one mask per shape in a fixed
+    order (object `i` is mask `i` in every frame; later shapes are drawn on top of earlier ones).
+    """
+    height, width = image_size
+    rng = random.Random(seed)
+    np_rng = np.random.default_rng(seed)
+    background = _background(np_rng, height, width)
+    labels = [index % len(SHAPE_KINDS) for index in range(num_shapes)]
+    polygons = [np.reshape(_shape_polygon(SHAPE_KINDS[label], rng, height, width), (-1, 2)) for label in labels]
+    polygons = [polygon - polygon.mean(0) for polygon in polygons]  # centred: moved by their centres below
+    centres = np.array([[rng.uniform(0.3, 0.7) * width, rng.uniform(0.3, 0.7) * height] for _ in labels])
+    speeds = np.array([[rng.uniform(-1, 1), rng.uniform(-1, 1)] for _ in labels]) * 0.02 * min(height, width)
+    colours = [np.array(_PALETTE[label], dtype=float) for label in labels]
+    for _ in range(num_frames):
+        canvas = background + np_rng.normal(0, 6, size=background.shape)
+        fulls = []
+        for polygon, centre, colour in zip(polygons, centres, colours):
+            points = (polygon + centre).reshape(-1).tolist()
+            full = mask_util.decode(mask_util.merge(mask_util.frPyObjects([points], height, width))).astype(bool)
+            canvas[full] = colour + np_rng.normal(0, 8, size=(int(full.sum()), 3))
+            fulls.append(full)
+        covered = np.zeros((height, width), dtype=bool)
+        visible = []
+        for full in reversed(fulls):
+            visible.append(full & ~covered)
+            covered |= full
+        yield np.clip(canvas, 0, 255).astype(np.uint8), visible[::-1], labels
+        centres += speeds
+        for axis, size in ((0, width), (1, height)):  # bounce: keep the centres inside [15%, 85%] of the image
+            out = (centres[:, axis] < 0.15 * size) | (centres[:, axis] > 0.85 * size)
+            speeds[out, axis] *= -1

@@ -16,12 +16,7 @@ from PIL import Image
 
 # The processor's detectron2 ResizeShortestEdge rule, so training/evaluation sizes match inference exactly.
 from ..image_processing_fastinst import get_fastinst_output_image_size
-
-# The upstream (SparseInst/FastInst) training recipe, see FastInstInstanceDatasetMapper.
-TRAIN_SHORT_EDGES = (416, 448, 480, 512, 544, 576, 608, 640)
-TRAIN_MAX_SIZE = 853
-CROP_RESIZE_SHORT_EDGES = (400, 500, 600)
-CROP_SIZE_RANGE = (384, 600)
+from ..training.recipe import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
 
 
 def resize_image_and_masks(

@@ -15,6 +15,11 @@ from faster_coco_eval import COCO, COCOeval_faster
 from ..data.coco import annotation_problem, load_coco_json, segmentation_to_rle
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+# "segm": mask IoU; "boundary": Boundary IoU (Cheng et al., CVPR 2021), the official tools/evaluate_coco_boundary_ap.py
+# metric: each match's IoU is min(mask IoU, IoU of the mask boundaries), a boundary being the pixels within
+# 2 % of the image diagonal of the mask's contour (faster-coco-eval's implementation of boundary-iou-api).
+IOU_TYPES = ("segm", "boundary")
+BOUNDARY_SETTINGS = {"boundary_dilation_ratio": 0.02}
 
 
 def _prepare_ground_truth(coco_gt: str | os.PathLike | dict) -> tuple[dict, int]:
@@ -91,6 +96,7 @@ class CocoMaskEvaluator:
         coco_gt: the ground-truth COCO instances JSON (path) or its dict.
         label_to_category_id: contiguous model label → COCO category id (CocoInstanceDataset.label_to_category_id).
         max_dets: detections kept per image (highest scores); COCO AP counts at most 100.
+        iou_type: "segm" (mask AP) or "boundary" (Boundary AP), see `IOU_TYPES`.
 
     AP is computed over the images passed to `update` (not every GT image), so evaluating on a subset is
     valid. Masks must be at the original image size (the "height"/"width" of the GT). Annotations that training
@@ -99,7 +105,16 @@ class CocoMaskEvaluator:
     the `encode_prediction` results and pass them to `add_encoded` (see `evaluation.loop.add_batch`).
     """
 
-    def __init__(self, coco_gt: str | os.PathLike | dict, label_to_category_id: Mapping[int, int], max_dets: int = 100):
+    def __init__(
+        self,
+        coco_gt: str | os.PathLike | dict,
+        label_to_category_id: Mapping[int, int],
+        max_dets: int = 100,
+        iou_type: str = "segm",
+    ):
+        if iou_type not in IOU_TYPES:
+            raise ValueError(f"iou_type must be one of {', '.join(IOU_TYPES)}, got {iou_type!r}")
+        self.iou_type = iou_type
         gt, self.num_dropped_annotations = _prepare_ground_truth(coco_gt)
         self.num_annotations = len(gt["annotations"])
         self.image_sizes = {int(img["id"]): (int(img["height"]), int(img["width"])) for img in gt["images"]}
@@ -146,7 +161,7 @@ class CocoMaskEvaluator:
         ]
 
     def compute(self) -> dict[str, float]:
-        """{"AP", "AP50", "AP75", "APs", "APm", "APl"} in percent; NaN for an area range without GT."""
+        """{"AP", "AP50", "AP75", "APs", "APm", "APl"} (of `iou_type`) in percent; NaN for an area range without GT."""
         if not self.results:
             raise ValueError("no image was evaluated: CocoMaskEvaluator.compute() called before any update()")
         detections = [det for results in self.results.values() for det in results]
@@ -156,7 +171,9 @@ class CocoMaskEvaluator:
             return {name: 0.0 for name in METRIC_NAMES}
         # loadRes adds fields (bbox arrays, ids) to the dicts it gets: keep the stored results untouched.
         coco_dt = self.coco_gt.loadRes(copy.deepcopy(detections))
-        evaluator = COCOeval_faster(self.coco_gt, coco_dt, iouType="segm", print_function=lambda *a, **k: None)
+        evaluator = COCOeval_faster(
+            self.coco_gt, coco_dt, iouType=self.iou_type, print_function=lambda *a, **k: None, **BOUNDARY_SETTINGS
+        )
         evaluator.params.imgIds = sorted(self.results)
         evaluator.evaluate()
         evaluator.accumulate()

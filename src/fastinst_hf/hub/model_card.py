@@ -3,7 +3,9 @@
 import string
 from importlib import resources
 
-from ..configuration_fastinst import VARIANTS, FastInstConfig, FastInstResNetVdConfig
+from ..configuration_fastinst import FastInstConfig
+from ..configuration_fastinst_resnet_vd import FastInstResNetVdConfig
+from ..releases import VARIANTS
 
 
 def _describe_backbone(config: FastInstConfig) -> str:

@@ -7,9 +7,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import torch
 from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from transformers.utils import logging
 
 from .. import modeling_fastinst
@@ -29,24 +30,60 @@ def load_model_and_processor(
     """Resolve `name` (see `resolve_model`), load the model (eval mode, on `device`) and its image processor.
 
     A folder without `preprocessor_config.json` gets the processor that matches its config. Returns
-    `(model, processor, model_dir)`; raises `InputError` naming the folder when it cannot be loaded, when weights
-    are missing from it (they would be random) or when a weight holds NaN/Inf (it would find nothing).
+    `(model, processor, model_dir)`; raises `InputError` naming the file or folder when it cannot be loaded, when
+    weights are missing from it (they would be random), when a weight holds NaN/Inf (it would find nothing) or when
+    the processor cannot preprocess an image.
     """
     model_dir = resolve_model(name)
+    model = load_pretrained(model_dir)
+    config_file = model_dir / "preprocessor_config.json"
+    try:
+        if config_file.is_file():
+            processor = FastInstImageProcessor.from_pretrained(model_dir)
+        else:
+            processor, config_file = image_processor_for_config(model.config), model_dir / "config.json"
+    except LOAD_ERRORS as error:
+        raise InputError(f"could not load the image processor of {config_file}: {one_line(error)}") from error
+    check_processor(processor, config_file)
+    return model.to(device).eval(), processor, model_dir
+
+
+def load_pretrained(model_dir: Path, **kwargs) -> FastInstForInstanceSegmentation:
+    """`FastInstForInstanceSegmentation.from_pretrained(model_dir, **kwargs)`, refused with an `InputError` naming
+    the file or folder when a weights file is unreadable, the folder cannot be loaded, or `check_weights` fails."""
+    check_weights_files(model_dir)
     try:
         with quiet_loading():
             # Mismatched shapes are loaded as random weights and listed in `info`, then refused by `check_weights`.
             model, info = FastInstForInstanceSegmentation.from_pretrained(
-                model_dir, output_loading_info=True, ignore_mismatched_sizes=True
+                model_dir, output_loading_info=True, ignore_mismatched_sizes=True, **kwargs
             )
-        if (model_dir / "preprocessor_config.json").is_file():
-            processor = FastInstImageProcessor.from_pretrained(model_dir)
-        else:
-            processor = image_processor_for_config(model.config)
     except LOAD_ERRORS as error:
         raise InputError(f"could not load the model in {model_dir}: {one_line(error)}") from error
     check_weights(model, info, model_dir)
-    return model.to(device).eval(), processor, model_dir
+    return model
+
+
+def check_weights_files(model_dir: Path) -> None:
+    """Raise `InputError` naming the file when a `*.safetensors` file of `model_dir` is not a complete safetensors
+    file (truncated download, garbage): its header must parse and cover the whole file."""
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as error:
+            raise InputError(
+                f"{path} is not a complete safetensors file (truncated or corrupted?): {one_line(error)}"
+            ) from error
+
+
+def check_processor(processor: FastInstImageProcessor, config_file: Path) -> None:
+    """Raise `InputError` naming `config_file` when `processor` cannot preprocess a small image (e.g. an invalid
+    `size`): every image would fail otherwise."""
+    try:
+        processor(images=np.zeros((16, 16, 3), dtype=np.uint8), return_tensors="pt")
+    except (ValueError, TypeError, KeyError, RuntimeError) as error:
+        raise InputError(f"{config_file}: the image processor settings are unusable: {one_line(error)}") from error
 
 
 @contextmanager

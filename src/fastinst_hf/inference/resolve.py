@@ -23,14 +23,15 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from .. import DEFAULT_MODEL, DEMO_IMAGES
-from ..configuration_fastinst import VARIANTS, FastInstConfig
+from .. import DEFAULT_MODEL, DEMO_IMAGES, releases
+from ..configuration_fastinst import FastInstConfig
 from ..conversion.official import (
     CheckpointConversionError,
     convert_checkpoint,
     official_checkpoint_url,
     save_converted,
 )
+from ..releases import VARIANTS
 from ..utils.errors import InputError
 from ..utils.files import atomic_path
 
@@ -82,7 +83,7 @@ def _looks_like_path(name: str) -> bool:
 
 def variant_config(variant: str) -> FastInstConfig:
     """Architecture of an official release (a separate function so that tests can substitute a small one)."""
-    return FastInstConfig.from_variant(variant)
+    return releases.variant_config(variant)
 
 
 def download_file(url: str, destination: Path, timeout: float = 60.0) -> Path:

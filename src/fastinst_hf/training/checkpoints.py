@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..utils.errors import InputError
 from ..utils.files import atomic_write_text, swap_in_folder
+
+if TYPE_CHECKING:
+    from torch import nn
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -69,6 +71,22 @@ def save_final_model(accelerator, model: nn.Module, processor, output_dir: Path)
         accelerator.print(f"saved the final model and processor to {final_dir}")
     accelerator.wait_for_everyone()
     return final_dir
+
+
+def read_trainer_state(checkpoint: Path) -> dict:
+    """The `trainer_state.json` of a checkpoint folder; raises `InputError` naming the file when it is unreadable or
+    lacks the step, epoch, position in the epoch or the run settings."""
+    path = Path(checkpoint) / TRAINER_STATE
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise InputError(f"--resume: cannot read {path}: {error}") from error
+    ints = ("step", "epoch", "batches_in_epoch")
+    if not (isinstance(state, dict) and all(isinstance(state.get(k), int) for k in ints)) or not isinstance(
+        state.get("run"), dict
+    ):
+        raise InputError(f"--resume: {path} is not a trainer state (expected integers {', '.join(ints)} and 'run')")
+    return state
 
 
 def check_resume_compatible(saved: dict, current: dict, checkpoint: Path) -> None:

@@ -58,9 +58,9 @@ from ..utils.files import atomic_write_text
 from .checkpoints import (
     CHECKPOINTS,
     LATEST,
-    TRAINER_STATE,
     check_resume_compatible,
     latest_checkpoint,
+    read_trainer_state,
     save_checkpoint,
     save_final_model,
 )
@@ -239,9 +239,12 @@ def restore_checkpoint(run: TrainingRun) -> Path | None:
         checkpoint = Path(args.resume)
     if checkpoint is None:
         return None
-    saved = json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
+    saved = read_trainer_state(checkpoint)
     check_resume_compatible(saved, run.state["run"], checkpoint)
-    accelerator.load_state(str(checkpoint))
+    try:
+        accelerator.load_state(str(checkpoint))
+    except (OSError, RuntimeError, ValueError, KeyError) as error:
+        raise InputError(f"--resume: cannot load the checkpoint {checkpoint}: {one_line(error)}") from error
     run.state.update(step=saved["step"], epoch=saved["epoch"], batches_in_epoch=saved["batches_in_epoch"])
     accelerator.print(f"resumed from {checkpoint} at step {saved['step']} (epoch {saved['epoch']})")
     return checkpoint

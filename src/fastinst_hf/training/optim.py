@@ -9,9 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-# Upstream schedule: 368,750 iterations at batch 16 (~50 COCO epochs), lr x0.1 at 327,778 and 355,092.
-UPSTREAM_MAX_STEPS = 368_750
-UPSTREAM_LR_STEPS = (round(327_778 / 368_750, 3), round(355_092 / 368_750, 3))  # (0.889, 0.963)
+from .recipe import UPSTREAM_LR_STEPS
+
 REFERENCE_TOTAL_BATCH = 16
 # detectron2's norm_module_types: their parameters get WEIGHT_DECAY_NORM = 0.
 NORM_TYPES = (

@@ -19,11 +19,11 @@ def is_image_name(path: str | Path) -> bool:
     return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
-def collect_image_paths(sources: Sequence[str]) -> list[Path]:
+def collect_image_paths(sources: Sequence[str], extensions: tuple[str, ...] = IMAGE_EXTENSIONS) -> list[Path]:
     """Expand every SOURCE (image file, folder, or glob pattern) into image paths, in order, without opening them.
 
-    A folder contributes its files with an image extension (not recursive), sorted by name; a glob pattern its
-    matches with an image extension (`**` recurses, not into symlinked folders). An explicitly named file is taken
+    A folder contributes its files with an image extension (one of `extensions`; not recursive), sorted by name; a
+    glob pattern its matches with such an extension (`**` recurses, not into symlinked folders). An explicitly named file is taken
     whatever its extension. A file reached twice (same real path) is listed once, where it first appears.
     Raises `InputError` for a missing file, a folder without images or a pattern without image matches.
     """
@@ -31,19 +31,21 @@ def collect_image_paths(sources: Sequence[str]) -> list[Path]:
     for source in sources:
         path = Path(source).expanduser()
         if path.is_dir():
-            found = sorted(entry for entry in path.iterdir() if entry.is_file() and is_image_name(entry.name))
+            found = sorted(
+                entry for entry in path.iterdir() if entry.is_file() and entry.name.lower().endswith(extensions)
+            )
             if not found:
-                raise InputError(f"no images in folder {source} (looked for {', '.join(IMAGE_EXTENSIONS)})")
+                raise InputError(f"no images in folder {source} (looked for {', '.join(extensions)})")
         elif path.is_file():
             found = [path]
         elif glob.has_magic(source):
             found = sorted(
                 match
                 for match in expand_pattern(source)
-                if match.is_file() and is_image_name(match) and not match.name.startswith(".")  # as glob.glob
+                if match.is_file() and str(match).lower().endswith(extensions) and not match.name.startswith(".")
             )
             if not found:
-                raise InputError(f"no images match the pattern {source!r}")
+                raise InputError(f"no images match the pattern {source!r} (looked for {', '.join(extensions)})")
         else:
             raise InputError(f"input not found: {source}")
         paths.extend(found)

@@ -38,12 +38,14 @@ class Tag:
 
 def instance_colours(count: int) -> list[tuple[int, int, int]]:
     """`count` distinct, saturated RGB colours (hues spaced by the golden ratio, so neighbours differ strongly)."""
-    colours = []
-    for index in range(count):
-        hue = (0.11 + index * 0.618033988749895) % 1.0
-        r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
-        colours.append((int(r * 255), int(g * 255), int(b * 255)))
-    return colours
+    return [palette_colour(index) for index in range(count)]
+
+
+def palette_colour(index: int) -> tuple[int, int, int]:
+    """Colour number `index` of the golden-ratio hue sequence (a track keeps its colour: its id is the index)."""
+    hue = (0.11 + index * 0.618033988749895) % 1.0
+    r, g, b = colorsys.hsv_to_rgb(hue, 0.85, 1.0)
+    return int(r * 255), int(g * 255), int(b * 255)
 
 
 def text_colour(fill: tuple[int, int, int]) -> tuple[int, int, int]:
@@ -177,6 +179,7 @@ def draw_instances(
     scores: Sequence[float],
     id2label: Mapping[int, str] | None = None,
     alpha: float = 0.45,
+    track_ids: Sequence[int | None] | None = None,
 ) -> Image.Image:
     """Return an RGB copy of `image` with every instance drawn on it.
 
@@ -187,6 +190,7 @@ def draw_instances(
         scores: `(N,)` scores; instances are painted from the lowest to the highest score so that the most confident
             one is on top where masks overlap.
         alpha: opacity of the mask fill.
+        track_ids: `(N,)` track ids (None: untracked): each track gets the colour of its id and a "#id" tag prefix.
     """
     canvas = np.array(image.convert("RGB"))
     if not isinstance(masks, PackedMasks):  # packed masks stay packed: they are unpacked one at a time
@@ -195,12 +199,16 @@ def draw_instances(
         raise ValueError(f"masks must be (N, {canvas.shape[0]}, {canvas.shape[1]}), got {masks.shape}")
     font_size, line_width = overlay_sizes(*canvas.shape[:2])
     colours = instance_colours(len(masks))
+    if track_ids is not None:
+        colours = [colour if tid is None else palette_colour(tid) for colour, tid in zip(colours, track_ids)]
     _paint_masks(canvas, masks, scores, colours, alpha, line_width)
     result = Image.fromarray(canvas)
 
     font = ImageFont.load_default(size=font_size)
     names = id2label or {}
     texts = [f"{names.get(int(label), str(label))} {float(score):.2f}" for label, score in zip(labels, scores)]
+    if track_ids is not None:
+        texts = [text if tid is None else f"#{tid} {text}" for text, tid in zip(texts, track_ids)]
     draw = ImageDraw.Draw(result)
     for tag in layout_tags(masks, texts, scores, font):
         fill = colours[tag.index]

@@ -77,11 +77,14 @@ def ground_truth(references: list[dict], categories: list[int]) -> dict:
     }
 
 
-def mask_references_evaluator(predictions: list[dict], references: list[dict], max_detections: int):
+def mask_references_evaluator(predictions: list[dict], references: list[dict], max_detections: int, iou_type: str):
     """A `CocoMaskEvaluator` whose ground truth is the reference masks (image ids 1..n), with the predictions added."""
     categories = sorted({label for instances in [*predictions, *references] for label in instances["labels"]})
     evaluator = CocoMaskEvaluator(
-        ground_truth(references, categories), {label: label + 1 for label in categories}, max_dets=max_detections
+        ground_truth(references, categories),
+        {label: label + 1 for label in categories},
+        max_dets=max_detections,
+        iou_type=iou_type,
     )
     for image_id, (prediction, reference) in enumerate(zip(predictions, references), start=1):
         if (prediction["height"], prediction["width"]) != (reference["height"], reference["width"]):
@@ -98,16 +101,18 @@ class CocoMaskAP(evaluate.Metric):
     coco_gt: a COCO instances JSON (path) or dict to score against; the references are then image ids. Its
         unusable annotations are left out (`num_dropped_annotations`; `num_annotations` are scored).
     label_to_category_id: with `coco_gt`, predicted label -> COCO category id.
+    iou_type: "segm" (mask AP, the default) or "boundary" (Boundary AP, as the official FastInst tool).
     """
 
-    def __init__(self, coco_gt=None, label_to_category_id=None, **kwargs):
+    def __init__(self, coco_gt=None, label_to_category_id=None, iou_type="segm", **kwargs):
         # Set before evaluate's __init__, which reads the features from `_info`. Built once: indexing a large COCO
         # file is slow and a training run computes the metric every few thousand steps.
         self.coco_evaluator = None
+        self.iou_type = iou_type
         if coco_gt is not None:
             if label_to_category_id is None:
                 raise ValueError("coco_gt needs label_to_category_id (predicted label -> COCO category id)")
-            self.coco_evaluator = CocoMaskEvaluator(coco_gt, label_to_category_id)
+            self.coco_evaluator = CocoMaskEvaluator(coco_gt, label_to_category_id, iou_type=iou_type)
             self.num_annotations = self.coco_evaluator.num_annotations
             self.num_dropped_annotations = self.coco_evaluator.num_dropped_annotations
         super().__init__(**kwargs)
@@ -140,7 +145,7 @@ class CocoMaskAP(evaluate.Metric):
 
     def _compute(self, predictions, references, max_detections: int = 100):
         if self.coco_evaluator is None:
-            return mask_references_evaluator(predictions, references, max_detections).compute()
+            return mask_references_evaluator(predictions, references, max_detections, self.iou_type).compute()
         evaluator = self.coco_evaluator
         evaluator.reset()
         evaluator.max_dets = max_detections
