@@ -6,9 +6,9 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from ..releases import VARIANTS
 from ..hub.model_card import _describe_backbone
 from ..inference.resolve import DEFAULT_MODEL_DIR
+from ..releases import VARIANTS
 
 DEMO_MODEL_WARNING = "trained on synthetic shapes; not a model for photographs"
 
