@@ -85,3 +85,37 @@ def test_choose_precision(monkeypatch):
     assert choose_precision("auto", "cpu")[0] == torch.bfloat16
     with pytest.raises(InputError, match="--precision must be one of"):
         choose_precision("int4")
+
+
+def test_predictor_precision_choice_and_its_runtime():
+    """`Predictor(precision=...)`: fp32 keeps predict's fastest float32 runtime, bf16 runs the bfloat16-weights
+    runtime, auto is float32 while the default split has not passed the rule on both models; the reason is kept."""
+    from fastinst_hf.inference.predictor import choose_runtime
+    from fastinst_hf.inference.runtimes import BF16_WEIGHTS, default_runtime
+
+    cpu = torch.device("cpu")
+    assert choose_runtime("auto", "fp32", cpu)[0] == default_runtime(cpu)
+    assert choose_runtime("eager", "auto", cpu) == ("eager", "float32 (asked for)")
+    runtime, note = choose_runtime("auto", "bf16", cpu)
+    assert runtime == BF16_WEIGHTS and "bfloat16" in note
+    assert choose_runtime("auto", "auto", cpu)[0] == default_runtime(cpu)
+    with pytest.raises(InputError, match="--precision bf16"):
+        choose_runtime("eager", "bf16", cpu)
+
+
+def test_predict_with_bf16_weights_prints_its_choice_and_finds_the_fp32_instances(tmp_path, capsys):
+    import json
+
+    from fastinst_hf.cli import main
+
+    image = DEMO_IMAGE_DIR / "shapes_1.png"
+    labels = {}
+    for name in ("fp32", "bf16"):
+        out = tmp_path / name
+        assert main(["predict", str(image), "--output", str(out), "--device", "cpu", "--precision", name]) == 0
+        labels[name] = sorted(i["label"] for i in json.loads((out / "shapes_1.json").read_text())["instances"])
+    header = capsys.readouterr().out
+    assert (
+        "runtime: folded+channels_last (float32 (asked for))" in header and "runtime: bf16-weights (bfloat16" in header
+    )
+    assert labels["bf16"] == labels["fp32"] and labels["fp32"]

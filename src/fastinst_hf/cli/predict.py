@@ -70,6 +70,13 @@ def add_parser(commands) -> None:
         "the CPU, exported once per model (about a minute) under the cache root ($FASTINST_HF_CACHE, else "
         "~/.cache/fastinst_hf)/onnx",
     )
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="auto: bfloat16 weights (backbone) where the device has bf16 units and that split passes the accuracy "
+        "rule (README Speed), else float32; the choice is printed. An explicit --runtime keeps its own precision",
+    )
     parser.set_defaults(run=run)
 
 
@@ -92,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     output_dir = check_output_folder(args.output, "--output")
     jobs, process, device = shard(jobs, args.device)
     predictor = Predictor(
-        args.model, device or args.device, args.threshold, args.max_instances, args.track, args.runtime
+        args.model, device or args.device, args.threshold, args.max_instances, args.track, args.runtime, args.precision
     )
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
@@ -100,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--output: cannot create {output_dir}: {error.strerror or one_line(error)}") from error
     echo(
         f"model: {predictor.model_dir}  device: {predictor.device}{process}  inputs: {len(jobs)}  output: {output_dir}"
+        f"  runtime: {predictor.runtime_name} ({predictor.precision_note})"
     )
 
     tally = Tally()

@@ -29,8 +29,9 @@ from ..utils.images import load_image
 from ..utils.packed_masks import PackedMasks
 from ..utils.visualize import draw_instances
 from .loading import load_model_and_processor
+from .precision import choose_precision
 from .resolve import cache_root
-from .runtimes import AUTO, RUNTIMES, build_runtime, default_runtime, runtime_unavailable
+from .runtimes import AUTO, BF16_WEIGHTS, RUNTIMES, build_runtime, default_runtime, runtime_unavailable
 from .sources import Source, VideoSource, collect_sources
 
 MASK_THRESHOLD = 0.5
@@ -69,11 +70,23 @@ class FrameResult:
         return draw_instances(image, self.masks, self.labels, self.scores, self.id2label, track_ids=self.track_ids)
 
 
+def choose_runtime(runtime: str, precision: str, device: torch.device) -> tuple[str, str]:
+    """The runtime name for `runtime` ("auto" or a name) at `precision`, and the precision's one-line reason."""
+    dtype, note = choose_precision("fp32" if precision == "auto" and runtime != AUTO else precision, device)
+    if dtype == torch.float32:
+        return (default_runtime(device) if runtime == AUTO else runtime), note
+    if runtime not in (AUTO, BF16_WEIGHTS):
+        raise InputError(f"--precision {precision}: bfloat16 weights run with --runtime {AUTO} or {BF16_WEIGHTS}")
+    return BF16_WEIGHTS, note
+
+
 class Predictor:
     """FastInst on any source. `model`: None (the embedded default), a name, a folder (see `resolve_model`).
 
-    `runtime`: a name of `runtimes.RUNTIMES` or "auto" (the fastest float32 torch setup for the device). `dtype` is
-    reserved for the reduced-precision choice (only None, float32, is accepted for now).
+    `runtime`: a name of `runtimes.RUNTIMES` or "auto" (the fastest torch setup for the device and precision).
+    `precision`: "auto" (bfloat16 weights where the device has bf16 units and that split passed the accuracy rule,
+    else float32; see `precision.choose_precision`, whose reason is `precision_note`), "fp32" or "bf16". An explicit
+    `runtime` keeps its own precision under "auto".
     """
 
     def __init__(
@@ -84,15 +97,13 @@ class Predictor:
         max_instances: int | None = None,
         track: bool = False,
         runtime: str = AUTO,
-        dtype: torch.dtype | None = None,
+        precision: str = "auto",
     ):
-        if dtype not in (None, torch.float32):
-            raise InputError(f"dtype {dtype} is not supported yet; use None (float32)")
         self.device = select_device(device) if isinstance(device, str) else torch.device(device)
         self.threshold, self.max_instances, self.track = threshold, max_instances, track
-        self.runtime_name = default_runtime(self.device) if runtime == AUTO else runtime
-        if self.runtime_name not in RUNTIMES:
+        if runtime != AUTO and runtime not in RUNTIMES:
             raise InputError(f"--runtime: unknown runtime {runtime!r}; expected {AUTO} or one of {', '.join(RUNTIMES)}")
+        self.runtime_name, self.precision_note = choose_runtime(runtime, precision, self.device)
         if reason := runtime_unavailable(RUNTIMES[self.runtime_name], self.device):
             raise InputError(f"--runtime {self.runtime_name}: {reason}")
         if track and importlib.util.find_spec("trackers") is None:
@@ -108,7 +119,7 @@ class Predictor:
 
     def inference(self, pixel_values: torch.Tensor, pixel_mask: torch.Tensor):
         with torch.inference_mode():
-            return self.runtime(pixel_values.to(self.device), pixel_mask.to(self.device))
+            return self.runtime(pixel_values=pixel_values.to(self.device), pixel_mask=pixel_mask.to(self.device))
 
     def postprocess(self, outputs, sizes: list[tuple[int, int]]) -> list[tuple[PackedMasks, list, list]]:
         """Per image of the batch (original `(H, W)` in `sizes`): bit-packed masks, labels, scores (processor's

@@ -14,6 +14,9 @@ from pathlib import Path
 # torch and the levers are imported where used: `fastinst-hf --help` lists the runtime names without loading torch.
 
 
+BF16_WEIGHTS = "bf16-weights"
+
+
 @dataclass(frozen=True)
 class Runtime:
     """One way to run the network: torch levers (see `prepare_for_inference`) + precision, or the exported ONNX
@@ -45,12 +48,13 @@ RUNTIMES = {
         Runtime("openvino-int8-all", graph_runtime="openvino", precision="int8", int8_scheme="all"),
         Runtime("bf16+channels_last", fold_norms=True, channels_last=True, precision="bf16"),
         # what `from_pretrained(..., dtype=torch.bfloat16)` loads (`_keep_in_fp32_modules_strict`)
-        Runtime("bf16-weights", precision="bf16", weights_split="all-but-backbone"),
+        Runtime(BF16_WEIGHTS, precision="bf16", weights_split="all-but-backbone"),
         Runtime("cuda-fp16", fold_norms=True, precision="fp16"),
         Runtime("cuda-bf16", fold_norms=True, precision="bf16"),
     )
 }
-# `predict`'s default: the fastest float32 torch setup of `fastinst-hf benchmark` on each device type.
+# `predict`'s default: the fastest float32 torch setup of `fastinst-hf benchmark` on each device type, or bfloat16
+# weights where `precision.choose_precision` picks them.
 AUTO = "auto"
 
 
