@@ -298,7 +298,7 @@ def test_post_process_instance_segmentation_structure(variant):
         outputs, threshold=0.0, target_sizes=[(240, 320)], return_coco_annotation=True
     )
     assert len(coco["segmentation"]) == len(masks) and all(isinstance(rle, list) for rle in coco["segmentation"])
-    with pytest.raises(ValueError, match="can not be both"):
+    with pytest.raises(ValueError, match="Set at most one of return_coco_annotation, return_binary_maps"):
         processor.post_process_instance_segmentation(outputs, return_binary_maps=True, return_coco_annotation=True)
 
 

@@ -150,13 +150,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run_in_passive_child(args: argparse.Namespace) -> int:
-    """Runs this benchmark in a child process started with `PASSIVE_THREADS`; prints its output."""
+    """Runs this benchmark in a child process started with `PASSIVE_THREADS`; prints its output (stderr too, through
+    this process's, so that an error line reaches whoever reads ours)."""
     from ..benchmarks.timing import isolated_environment
 
     arguments = json.dumps({key: value for key, value in vars(args).items() if key != "run"})
     command = [sys.executable, "-c", "import sys; from fastinst_hf.cli.benchmark import child_main; child_main()"]
-    child = subprocess.run([*command, arguments], env=isolated_environment(), stdout=subprocess.PIPE, text=True)
+    child = subprocess.run([*command, arguments], env=isolated_environment(), capture_output=True, text=True)
     print(child.stdout, end="")
+    print(child.stderr, end="", file=sys.stderr)
     return child.returncode
 
 

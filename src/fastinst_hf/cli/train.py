@@ -12,8 +12,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from ..training.checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE, read_trainer_state
-from ..training.recipe import (
+from ..data.recipe import (
     CROP_RESIZE_SHORT_EDGES,
     CROP_SIZE_RANGE,
     TRAIN_MAX_SIZE,
@@ -21,6 +20,7 @@ from ..training.recipe import (
     UPSTREAM_LR_STEPS,
     UPSTREAM_MAX_STEPS,
 )
+from ..training.checkpoints import CHECKPOINTS, LATEST, TRAINER_STATE, read_trainer_state
 from ..utils.arguments import HelpFormatter, default_num_workers
 from ..utils.errors import InputError, one_line
 from ..utils.files import check_output_folder

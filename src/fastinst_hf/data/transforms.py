@@ -16,7 +16,7 @@ from PIL import Image
 
 # The processor's detectron2 ResizeShortestEdge rule, so training/evaluation sizes match inference exactly.
 from ..image_processing_fastinst import get_fastinst_output_image_size
-from ..training.recipe import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
+from .recipe import CROP_RESIZE_SHORT_EDGES, CROP_SIZE_RANGE, TRAIN_MAX_SIZE, TRAIN_SHORT_EDGES
 
 
 def resize_image_and_masks(

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import Sampler
 
-from .recipe import UPSTREAM_LR_STEPS
+from ..data.recipe import UPSTREAM_LR_STEPS
 
 REFERENCE_TOTAL_BATCH = 16
 # detectron2's norm_module_types: their parameters get WEIGHT_DECAY_NORM = 0.
