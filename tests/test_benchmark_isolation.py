@@ -34,16 +34,17 @@ def test_every_worker_process_starts_with_passive_thread_pools():
 def test_benchmark_command_reruns_itself_in_a_passive_child(monkeypatch, capsys):
     seen = {}
 
-    def fake_run(command, env, stdout, text):
+    def fake_run(command, env, capture_output, text):
         seen.update(command=command, env=env)
-        return subprocess.CompletedProcess(command, 3, stdout="child table\n")
+        return subprocess.CompletedProcess(command, 3, stdout="child table\n", stderr="child error\n")
 
     monkeypatch.setattr(cli_benchmark.subprocess, "run", fake_run)
     for key in PASSIVE_THREADS:
         monkeypatch.delenv(key, raising=False)
     assert not threads_are_passive()
     assert main(["benchmark", "--runtimes", "eager", "--runs", "1"]) == 3  # the child's exit status
-    assert capsys.readouterr().out == "child table\n"
+    printed = capsys.readouterr()
+    assert printed.out == "child table\n" and printed.err == "child error\n"  # the child's stderr passed on
     assert all(seen["env"][key] == value for key, value in PASSIVE_THREADS.items())
     assert json.loads(seen["command"][-1])["runtimes"] == ["eager"]
     # bad options fail in the parent, before any child starts
