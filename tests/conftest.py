@@ -13,12 +13,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import ResNetConfig  # noqa: E402
 
-from fastinst_hf import FastInstConfig  # noqa: E402
+from fastinst_hf import FastInstConfig, FastInstResNetVdConfig  # noqa: E402
 
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 FIXTURES = Path(__file__).parent / "fixtures"
 VARIANTS = ("d1_r50slim_small", "d3_r50slim_small")
+# A tiny ResNet-vd backbone with deformable convolutions in its last three stages.
+TINY_RESNET_VD = FastInstResNetVdConfig(
+    stem_width=8,
+    embedding_size=16,
+    hidden_sizes=[32, 64, 128, 256],
+    depths=[1, 1, 1, 1],
+    deformable_stages=[False, True, True, True],
+    out_features=["stage2", "stage3", "stage4"],
+)
 
 # detectron2 normalisation of the official models (RGB, 0-255).
 PIXEL_MEAN = torch.tensor([123.675, 116.28, 103.53]).view(3, 1, 1)

@@ -4,21 +4,11 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_RESNET_VD, tiny_config
 from test_modeling_fastinst import converted_model, load_eval_fixture, relative_error
 
 from fastinst_hf import FastInstForInstanceSegmentation
-from fastinst_hf.configuration_fastinst import FastInstResNetVdConfig
 from fastinst_hf.modeling_fastinst import FastInstFoldingConv2d
-
-RESNET_VD = FastInstResNetVdConfig(
-    stem_width=8,
-    embedding_size=16,
-    hidden_sizes=[32, 64, 128, 256],
-    depths=[1, 1, 1, 1],
-    deformable_stages=[False, True, True, True],
-    out_features=["stage2", "stage3", "stage4"],
-)
 
 
 def tiny_model(freeze: bool = True, backbone_config=None) -> FastInstForInstanceSegmentation:
@@ -69,7 +59,7 @@ def test_eval_mode_folds_every_conv_norm_pair_with_the_same_outputs(freeze):
 
 
 def test_resnet_vd_backbone_folds_its_plain_convolutions():
-    model = tiny_model(backbone_config=RESNET_VD)
+    model = tiny_model(backbone_config=TINY_RESNET_VD)
     convs = folding_convs(model)
     # 2 stem convs (the third is followed by a norm outside its Sequential), conv1/conv3 and the shortcut of each
     # block, conv2 of the first (non-deformable) block

@@ -4,11 +4,10 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import TINY_RESNET_VD, tiny_config
 from transformers import ResNetConfig
 
 from fastinst_hf import FastInstForInstanceSegmentation
-from fastinst_hf.configuration_fastinst_resnet_vd import FastInstResNetVdConfig
 from fastinst_hf.inference.levers import (
     OnnxRuntimeModel,
     OpenVinoModel,
@@ -41,24 +40,16 @@ def tiny_model(backbone_config) -> FastInstForInstanceSegmentation:
 RESNET = ResNetConfig(
     embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1], out_features=["stage2", "stage3", "stage4"]
 )
-RESNET_VD = FastInstResNetVdConfig(
-    stem_width=8,
-    embedding_size=16,
-    hidden_sizes=[32, 64, 128, 256],
-    depths=[1, 1, 1, 1],
-    deformable_stages=[False, True, True, True],
-    out_features=["stage2", "stage3", "stage4"],
-)
 
 
-@pytest.mark.parametrize("backbone_config", [RESNET, RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
+@pytest.mark.parametrize("backbone_config", [RESNET, TINY_RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
 def test_folded_model_gives_the_same_outputs_and_leaves_the_original_alone(backbone_config):
     model = tiny_model(backbone_config)
     state = {name: value.clone() for name, value in model.state_dict().items()}
     folded = fold_batch_norms(model)
     norms = [m for m in folded.model.backbone.modules() if isinstance(m, FastInstFrozenBatchNorm2d)]
     # Only the stem's last norm (after a Sequential) and the deformable convs' norms are kept.
-    assert len(norms) == (4 if backbone_config is RESNET_VD else 0)
+    assert len(norms) == (4 if backbone_config is TINY_RESNET_VD else 0)
     pixel_values = torch.randn(1, 3, 128, 160)
     with torch.no_grad():
         expected, actual = model(pixel_values), folded(pixel_values)
@@ -67,7 +58,7 @@ def test_folded_model_gives_the_same_outputs_and_leaves_the_original_alone(backb
     assert all(torch.equal(state[name], value) for name, value in model.state_dict().items())
 
 
-@pytest.mark.parametrize("backbone_config", [RESNET, RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
+@pytest.mark.parametrize("backbone_config", [RESNET, TINY_RESNET_VD], ids=["resnet", "resnet-vd-dcn"])
 def test_relu_in_place_gives_bit_identical_outputs(backbone_config):
     folded = fold_batch_norms(tiny_model(backbone_config))
     in_place = relu_in_place(copy.deepcopy(folded))

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..inference.runtimes import RUNTIMES
 from ..utils.arguments import HelpFormatter
 from ..utils.errors import InputError, one_line
 from .options import VARIANT_NAMES, add_device_argument
@@ -19,22 +20,9 @@ if TYPE_CHECKING:
 
     from ..benchmarks.runtimes import BenchmarkOptions
 
-# What `--runtimes` / `--peers` accept (kept in step with `benchmarks.runtimes`, which imports torch: a test checks).
-RUNTIME_NAMES = (
-    "eager",
-    "unfolded",
-    "folded",
-    "folded+channels_last",
-    "compile",
-    "onnxruntime",
-    "openvino",
-    "openvino-int8",
-    "openvino-int8-all",
-    "bf16+channels_last",
-    "bf16-weights",
-    "cuda-fp16",
-    "cuda-bf16",
-)
+# What `--runtimes` / `--peers` accept; the defaults and peers are copies of `benchmarks.runtimes`' (which imports
+# torch), kept in step by a test.
+RUNTIME_NAMES = tuple(RUNTIMES)  # the one runtime factory's names (a module without torch)
 DEFAULT_RUNTIME_NAMES = (
     "eager",
     "unfolded",
