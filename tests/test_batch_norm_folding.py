@@ -1,4 +1,5 @@
-"""The model's own eval-mode batch-norm folding: same outputs, cache invalidation, training untouched, parity."""
+"""The model's own eval-mode inference paths: batch-norm folding (same outputs, cache invalidation, training untouched,
+parity) and oneDNN's fused convolution / linear ops."""
 
 import copy
 
@@ -8,7 +9,7 @@ from conftest import TINY_RESNET_VD, tiny_config
 from test_modeling_fastinst import converted_model, load_eval_fixture, relative_error
 
 from fastinst_hf import FastInstForInstanceSegmentation
-from fastinst_hf.modeling_fastinst import FastInstFoldingConv2d
+from fastinst_hf.modeling_fastinst import FastInstFoldedReLU, FastInstFoldingConv2d, FastInstLinear
 
 
 def tiny_model(freeze: bool = True, backbone_config=None) -> FastInstForInstanceSegmentation:
@@ -65,6 +66,32 @@ def test_resnet_vd_backbone_folds_its_plain_convolutions():
     # block, conv2 of the first (non-deformable) block
     assert len(convs) == 2 + 4 * 3 + 1
     torch.testing.assert_close(outputs(model, PIXELS), outputs(model, PIXELS, fold=False), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("backbone_config", "expected_relus"),
+    # resnet: the stem, then per basic block the first ReLU and the one after the shortcut sum; resnet-vd: two
+    # stem ReLUs, per block act1 and act3 (after the sum), act2 of the first (non-deformable) block
+    [(None, 1 + 4 * 2), (TINY_RESNET_VD, 2 + 4 * 2 + 1)],
+    ids=["resnet", "resnet-vd"],
+)
+def test_relus_after_folded_norms_run_inside_the_convolution(backbone_config, expected_relus, monkeypatch):
+    model = tiny_model(backbone_config=backbone_config)
+    relus = [module for module in model.modules() if isinstance(module, FastInstFoldedReLU)]
+    assert len(relus) == expected_relus
+    probe = torch.zeros(1)
+    with torch.no_grad():
+        assert all(relu.folding_conv.fuses_relu(probe) for relu in relus)
+        fused = outputs(model, PIXELS)
+        assert not any(relu.folding_conv.fuses_relu(probe.double()) for relu in relus)  # float32 / bfloat16 only
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # it casts the inputs of conv2d only: no fusing
+            assert not any(relu.folding_conv.fuses_relu(probe) for relu in relus)
+            assert model(PIXELS).masks_queries_logits.isfinite().all()
+    monkeypatch.setattr(FastInstFoldingConv2d, "runs_onednn", lambda self, hidden_state: False)  # F.conv2d, ReLU
+    torch.testing.assert_close(fused, outputs(model, PIXELS))  # the same convolutions, ReLU and sums: float32 ulps
+    model.train()
+    monkeypatch.undo()
+    assert not any(relu.folding_conv.fuses_relu(probe) for relu in relus)  # training: separate ReLUs
 
 
 def test_fold_is_cached_and_recomputed_after_an_in_place_edit():
@@ -137,3 +164,22 @@ def test_folded_official_variant_is_as_accurate_as_the_unfolded_one(variant):
         folded_error = relative_error(folded[index].double(), truth[index])
         assert folded_error <= 1.25 * relative_error(unfolded[index].double(), truth[index]) + 1e-7, name
         assert relative_error(folded[index], reference[f"backbone.{name}"]) <= 2e-4, name
+
+
+@pytest.mark.parametrize("relu", [False, True])
+def test_linear_layers_use_onednn_at_inference_only(relu, monkeypatch):
+    layer = FastInstLinear(16, 24)
+    inputs = torch.randn(2, 50, 16)
+    expected = torch.nn.functional.linear(inputs, layer.weight, layer.bias)
+    expected = expected.relu() if relu else expected
+    calls = []
+    onednn = torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *args: calls.append(args[3]) or onednn(*args))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(inputs, relu=relu), expected)
+        assert layer.double()(inputs.double(), relu=relu).dtype == torch.float64  # float64: F.linear
+        layer.float()
+    assert calls == ["relu" if relu else "none"]
+    trained = layer(inputs, relu=relu)  # gradients wanted: F.linear, in the graph
+    assert calls == ["relu" if relu else "none"] and trained.requires_grad
+    torch.testing.assert_close(trained, expected, rtol=0, atol=0)

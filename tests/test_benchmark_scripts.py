@@ -9,6 +9,7 @@ import types
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
@@ -82,19 +83,47 @@ def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, 
     model_dir = save_converted(FastInstForInstanceSegmentation(tiny_config()), tmp_path / "model")
     argv = ["benchmark", "--model", str(model_dir), "--device", "cpu", "--runtimes", "eager", "--batch-sizes", ""]
     out = tmp_path / "bench.json"
-    assert main([*argv, "--runs", "2", "--warmup", "0", "--train-step", "--json", str(out)]) == 0
+    assert main([*argv, "--runs", "2", "--warmup", "0", "--train-step", "--train-profile", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| fastinst_hf | " in table and "official trainer" not in table
     assert "skipped official: no --official-root" in table
+    assert "| convolutions | " in table and "| total | " in table
     step = json.loads(out.read_text())["train_step"]
     assert (step["batch_size"], step["size"], set(step) - {"batch_size", "size", "threads"}) == (
         2,
         512,
-        {"fastinst_hf"},
+        {"fastinst_hf", "profile"},
     )
+    profile = step["profile"]["fastinst_hf"]
+    assert profile["convolutions"] > 0 and profile["matrix products"] > 0 and profile["optimizer step"] > 0
+    assert profile["total"] == pytest.approx(sum(v for k, v in profile.items() if k != "total"))
     ours = step["fastinst_hf"]
     assert len(ours["runs_ms"]) == len(ours["cpu"]["runs_ms"]) == 2 and ours["median_ms"] > 0
     assert ours["peak_rss_mib"] >= ours["peak_rss_before_steps_mib"] > 0
+
+
+def test_profile_categories_sum_self_times_by_the_first_matching_category():
+    from fastinst_hf.benchmarks.training_step import profile_categories
+
+    ops = [
+        ["aten::mkldnn_convolution", 5.0],
+        ["aten::convolution_backward", 7.0],
+        ["aten::addmm", 2.0],
+        ["aten::mm", 1.0],
+        ["Optimizer.step#AdamW.step", 0.5],
+        ["aten::native_group_norm", 0.25],
+        ["aten::add_", 1.0],
+    ]
+    totals = profile_categories(ops)
+    assert totals["convolutions"] == 12.0 and totals["matrix products"] == 3.0 and totals["optimizer step"] == 0.5
+    assert totals["normalisation"] == 0.25 and totals["other ops"] == 1.0 and totals["total"] == 16.75
+
+
+def test_train_profile_needs_the_training_step(capsys):
+    from fastinst_hf.cli import main
+
+    assert main(["benchmark", "--device", "cpu", "--train-profile"]) == 2
+    assert "--train-profile profiles the training step: add --train-step" in capsys.readouterr().err
 
 
 def test_peer_timing_keeps_the_thread_count_a_peer_changes():

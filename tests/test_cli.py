@@ -10,7 +10,6 @@ import pytest
 import torch
 from conftest import tiny_config
 from PIL import Image
-from torchvision.ops.misc import FrozenBatchNorm2d
 
 import fastinst_hf
 from fastinst_hf import FastInstForInstanceSegmentation
@@ -20,6 +19,7 @@ from fastinst_hf.data.synthetic import make_shapes_dataset
 from fastinst_hf.inference import resolve as hub_models
 from fastinst_hf.inference.predictor import Predictor
 from fastinst_hf.inference.resolve import DEFAULT_MODEL_DIR, DEMO_IMAGE_DIR, ModelResolutionError, resolve_model
+from fastinst_hf.modeling_fastinst import FastInstFoldingConv2d
 from fastinst_hf.utils.arguments import default_num_workers
 from fastinst_hf.utils.device import synchronize
 from fastinst_hf.utils.images import load_image
@@ -113,14 +113,15 @@ def test_predict_default_runtime_folds_norms_and_finds_the_eager_instances(tiny_
         assert abs(folded["area"] - eager["area"]) <= 0.001 * eager["area"] + 2
 
 
-def test_predict_default_runtime_is_the_folded_channels_last_model(tiny_model_dir):
+def test_predict_default_runtime_is_the_model_folding_and_fusing_itself(tiny_model_dir):
     predictor = Predictor(tiny_model_dir, device="cpu")
-    assert predictor.runtime_name == "folded+channels_last"
+    assert predictor.runtime_name == "eager"
     model = predictor.runtime.model
-    modules = list(model.modules())
-    assert not any(isinstance(m, (torch.nn.BatchNorm2d, FrozenBatchNorm2d)) for m in modules if m is not model)
-    conv = next(m for m in modules if type(m) is torch.nn.Conv2d)
-    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    convs = [m for m in model.modules() if isinstance(m, FastInstFoldingConv2d)]
+    probe = torch.zeros(1)
+    with torch.inference_mode():
+        assert convs and all(conv.runs_onednn(probe) for conv in convs)  # folded, on oneDNN
+        assert any(conv.fuses_relu(probe) for conv in convs)
 
 
 @pytest.mark.slow  # an ONNX export: minutes on a loaded 2-core machine

@@ -146,7 +146,7 @@ def test_without_auxiliary_loss(monkeypatch):
         torch.testing.assert_close(value, fixture["losses"][key], rtol=1e-4, atol=0)
 
 
-def brute_force_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total, num_heads):
+def brute_force_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total):
     height, width = size
     rows = []
     for b, masks in enumerate(mask_labels):
@@ -160,8 +160,8 @@ def brute_force_gt_attention_mask(matching_indices, mask_labels, size, num_queri
                     mask[query, y * width + x] = not bool(source)
             if mask[query].all():
                 mask[query] = False
-        rows.extend([mask] * num_heads)
-    return torch.stack(rows)
+        rows.append(mask)
+    return torch.stack(rows)[:, None]
 
 
 def test_build_gt_attention_mask():
@@ -173,20 +173,20 @@ def test_build_gt_attention_mask():
         (torch.tensor([1, 4, 6]), torch.tensor([2, 1, 0])),
         (torch.tensor([0, 3]), torch.tensor([1, 0])),  # target 1 is empty: ~mask all True, reset
     ]
-    size, num_queries_total, num_heads = (8, 12), 10, 3
-    attn_mask = build_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total, num_heads)
-    expected = brute_force_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total, num_heads)
-    assert attn_mask.dtype == torch.bool and attn_mask.shape == (2 * num_heads, num_queries_total, 8 * 12)
+    size, num_queries_total = (8, 12), 10
+    attn_mask = build_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total)
+    expected = brute_force_gt_attention_mask(matching_indices, mask_labels, size, num_queries_total)
+    assert attn_mask.dtype == torch.bool and attn_mask.shape == (2, 1, num_queries_total, 8 * 12)
     assert torch.equal(attn_mask, expected)
-    assert not attn_mask[:num_heads, 4].any() and not attn_mask[num_heads:, 0].any()
-    assert attn_mask[num_heads:, 3].any()
+    assert not attn_mask[0, :, 4].any() and not attn_mask[1, :, 0].any()
+    assert attn_mask[1, :, 3].any()
 
 
 def test_build_gt_attention_mask_empty_targets():
     mask_labels = [torch.zeros(0, 32, 48, dtype=torch.bool), torch.zeros(0, 32, 48, dtype=torch.bool)]
     empty = (torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
-    attn_mask = build_gt_attention_mask([empty, empty], mask_labels, (4, 6), 5, 2)
-    assert attn_mask.shape == (4, 5, 24) and not attn_mask.any()
+    attn_mask = build_gt_attention_mask([empty, empty], mask_labels, (4, 6), 5)
+    assert attn_mask.shape == (2, 1, 5, 24) and not attn_mask.any()
 
 
 def random_inputs(num_targets: list[int], seed: int = 0, requires_grad: bool = False):
@@ -291,4 +291,4 @@ def test_invalid_inputs():
             class_labels,
         )
     with pytest.raises(ValueError, match="matching_indices"):
-        build_gt_attention_mask([], mask_labels, (8, 12), 12, 2)
+        build_gt_attention_mask([], mask_labels, (8, 12), 12)

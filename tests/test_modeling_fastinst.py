@@ -102,7 +102,7 @@ def test_decoder_layers_in_isolation_match_official(variant, attn_implementation
     pixel_position = seq_first(reference["decoder.pixel_pos_embeds"])
     queries, pixels = seq_first(reference["decoder.query_in"]), seq_first(reference["decoder.pixel_in"])
     for index, layer in enumerate(decoder.layers):
-        mask = reference[f"decoder.layer{index}.attn_mask"].repeat_interleave(decoder.num_heads, dim=0)
+        mask = reference[f"decoder.layer{index}.attn_mask"][:, None]  # ours: one mask broadcast over the heads
         with torch.no_grad():
             new_queries, new_pixels = layer(queries, pixels, query_position, pixel_position, mask)
         prefix = f"decoder.layer{index}."
@@ -122,9 +122,9 @@ def test_end_to_end_predictions_match_official(variant, attn_implementation, eva
     flipped = []
     for index in range(config.decoder_layers):
         predicted = output.auxiliary_logits[index]["masks_queries_logits"]
-        mask = attention_mask_from_masks(predicted, config.num_auxiliary_queries, config.num_attention_heads)
+        mask = attention_mask_from_masks(predicted, config.num_auxiliary_queries)
         official = reference[f"decoder.layer{index}.attn_mask"]
-        flipped.append(int((mask[:: config.num_attention_heads] != official).sum()))
+        flipped.append(int((mask[:, 0] != official).sum()))
     assert max(flipped) <= 4, f"attention-mask bits differing per layer: {flipped}"
 
     official_masks = official_attention_masks(variant, config)
@@ -147,12 +147,9 @@ def test_end_to_end_predictions_match_official(variant, attn_implementation, eva
 
 
 def official_attention_masks(variant, config):
-    """The official decoder's attention masks of the fixture image, one per layer, repeated per head as ours are."""
+    """The official decoder's attention masks of the fixture image, one per layer, in our layout [B, 1, L, S]."""
     reference = load_eval_fixture(variant)
-    return iter(
-        reference[f"decoder.layer{index}.attn_mask"].repeat_interleave(config.num_attention_heads, dim=0)
-        for index in range(config.decoder_layers)
-    )
+    return iter(reference[f"decoder.layer{index}.attn_mask"][:, None] for index in range(config.decoder_layers))
 
 
 def test_training_losses_match_official(variant, attn_implementation, monkeypatch):

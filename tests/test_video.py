@@ -342,7 +342,7 @@ def test_benchmark_video_prints_end_to_end_next_to_model_only_fps(tmp_path, caps
     printed = capsys.readouterr().out
     assert re.search(r"end-to-end [\d.]+ frames/s .* model-only [\d.]+ frames/s .* end-to-end / model-only", printed)
     result = json.loads((tmp_path / "video.json").read_text())
-    assert result["frames"] == 3 and result["ratio"] > 0 and result["runtime"] == "folded+channels_last"
+    assert result["frames"] == 3 and result["ratio"] > 0 and result["runtime"] == "eager"
 
 
 def test_video_strip_script_writes_the_tracked_overlays_side_by_side(tmp_path, monkeypatch):

@@ -279,7 +279,6 @@ def build_gt_attention_mask(
     mask_labels: list[Tensor],
     size: tuple[int, int],
     num_queries_total: int,
-    num_heads: int,
     device: torch.device | None = None,
 ) -> Tensor:
     """Attention mask of the GT-mask-guided decoder branch (upstream `forward_prediction_heads`, training only).
@@ -292,12 +291,11 @@ def build_gt_attention_mask(
         mask_labels: B tensors [N_i, H, W], padded like the batch.
         size: `(h, w)` of the pixel features the queries attend to.
         num_queries_total: number of IA-guided plus auxiliary queries.
-        num_heads: attention heads.
         device: where to build the mask (the model's device); defaults to the device of `mask_labels`.
 
     Returns:
-        [B * num_heads, num_queries_total, h * w] bool, True = may not attend, head-major per image like
-        `mask.unsqueeze(1).repeat(1, num_heads, 1, 1).flatten(0, 1)`. A bool tensor, so it carries no gradient.
+        [B, 1, num_queries_total, h * w] bool, True = may not attend, the same for every attention head (broadcast).
+        A bool tensor, so it carries no gradient.
     """
     if len(matching_indices) != len(mask_labels):
         raise ValueError(f"got {len(matching_indices)} matching_indices entries for {len(mask_labels)} images")
@@ -312,7 +310,7 @@ def build_gt_attention_mask(
     attn_mask = attn_mask.flatten(2)
     # A row that masks everything would give NaN attention: let such a query attend everywhere instead.
     attn_mask = attn_mask & ~attn_mask.all(-1, keepdim=True)
-    return attn_mask.unsqueeze(1).repeat(1, num_heads, 1, 1).flatten(0, 1)
+    return attn_mask[:, None]
 
 
 class FastInstLoss(nn.Module):

@@ -179,19 +179,26 @@ def _probed_axes(sizes: tuple, num_masks: int) -> tuple[_Axis, _Axis, bool] | No
     return _PROBED[sizes]
 
 
-def _tile_maxima(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> torch.Tensor:
-    """`(n, tile rows, tile cols)` maxima of the logits each output tile depends on: bilinear values are convex
-    combinations, so no pixel of a tile exceeds it (up to rounding)."""
-    row_maxima = logits[:, rows.window_rows].amax(2)
-    return row_maxima[:, :, cols.window_rows].amax(3)
+def _tile_bounds(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> tuple[torch.Tensor, torch.Tensor]:
+    """`(n, tile rows, tile cols)` minima and maxima of the logits each output tile depends on: bilinear values are
+    convex combinations, so every pixel of a tile lies between them (up to rounding)."""
+    windows = logits[:, rows.window_rows]  # (n, tile rows, window, w)
+    row_minima, row_maxima = windows.amin(2), windows.amax(2)
+    return row_minima[:, :, cols.window_rows].amin(3), row_maxima[:, :, cols.window_rows].amax(3)
+
+
+def _tile_values(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """`(T, MASK_TILE, MASK_TILE)` resized logits of tiles `(maps, tile_ys, tile_xs)`, approximately: two small matrix
+    products with the composite weights of the two bilinear steps."""
+    patches = logits[maps[:, None, None], rows.window_rows[tile_ys][:, :, None], cols.window_rows[tile_xs][:, None, :]]
+    return rows.tile_weights[tile_ys] @ (patches @ cols.tile_weights[tile_xs].transpose(1, 2))
 
 
 def _tile_probabilities(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis, fused, limit, margin):
-    """`(T, MASK_TILE, MASK_TILE)` sigmoid of the resized logits of tiles `(maps, tile_ys, tile_xs)`: two small matrix
-    products with the composite weights, then the exact values (torch's arithmetic) where that approximation is
-    within `margin` of the logit `limit` of the mask threshold, so that thresholding them gives torch's masks."""
-    patches = logits[maps[:, None, None], rows.window_rows[tile_ys][:, :, None], cols.window_rows[tile_xs][:, None, :]]
-    values = rows.tile_weights[tile_ys] @ (patches @ cols.tile_weights[tile_xs].transpose(1, 2))
+    """`(T, MASK_TILE, MASK_TILE)` sigmoid of the resized logits of tiles `(maps, tile_ys, tile_xs)`: the approximate
+    values, then the exact ones (torch's arithmetic) where the approximation is within `margin` of the logit `limit`
+    of the mask threshold, so that thresholding them gives torch's masks."""
+    values = _tile_values(logits, maps, tile_ys, tile_xs, rows, cols)
     valid = rows.valid[tile_ys][:, :, None] & cols.valid[tile_xs][:, None, :]
     tiles, ys, xs = torch.nonzero(valid & ((values - limit).abs_() <= margin), as_tuple=True)
     ys, xs = tile_ys[tiles] * MASK_TILE + ys, tile_xs[tiles] * MASK_TILE + xs
@@ -199,30 +206,38 @@ def _tile_probabilities(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis
     return values.sigmoid_(), valid
 
 
+def _batches(*indices: torch.Tensor):
+    for start in range(0, len(indices[0]), TILE_BATCH):
+        yield tuple(index[start : start + TILE_BATCH] for index in indices)
+
+
 def _tiled_binary_masks(logits: torch.Tensor, axes, output_size, mask_threshold: float):
     """[`iter_binary_masks`] for one chunk of `(n, h, w)` logits, computing only the tiles where a pixel can pass
-    the threshold: `(masks, mask_scores, areas)`."""
+    the threshold: `(masks, mask_scores, areas)`. Tiles whose every pixel passes it by more than the margin (inside
+    a mask) need no exact values and no thresholding, only the sum of their probabilities."""
     rows, cols, fused = axes
     threshold = float(np.float32(mask_threshold))  # what `probs > mask_threshold` compares with
     limit = math.log(threshold / (1 - threshold))
     # Covers the approximation's rounding and the float32 sigmoid's (whose slope at the limit is t * (1 - t)).
     margin = 1e-4 * (1 + logits.abs().max().item()) + 1e-5 / (threshold * (1 - threshold))
-    maps, tile_ys, tile_xs = torch.nonzero(_tile_maxima(logits, rows, cols) > limit - margin, as_tuple=True)
+    minima, maxima = _tile_bounds(logits, rows, cols)
+    inside = minima > limit + margin
     padded = torch.zeros(len(logits), rows.num_tiles * MASK_TILE, cols.num_tiles * MASK_TILE, dtype=torch.bool)
     tiles = padded.view(len(logits), rows.num_tiles, MASK_TILE, cols.num_tiles, MASK_TILE).transpose(2, 3)
     sums = torch.zeros(len(logits), dtype=torch.float64)
     areas = torch.zeros(len(logits), dtype=torch.long)
-    for start in range(0, len(maps), TILE_BATCH):
-        batch = (
-            maps[start : start + TILE_BATCH],
-            tile_ys[start : start + TILE_BATCH],
-            tile_xs[start : start + TILE_BATCH],
-        )
+    for batch in _batches(*torch.nonzero((maxima > limit - margin) & ~inside, as_tuple=True)):
         probs, valid = _tile_probabilities(logits, *batch, rows, cols, fused, limit, margin)
         masks = (probs > mask_threshold) & valid
         tiles[batch] = masks
         sums.index_add_(0, batch[0], probs.mul_(masks).flatten(1).sum(1).double())
         areas.index_add_(0, batch[0], masks.flatten(1).sum(1))
+    for batch in _batches(*torch.nonzero(inside, as_tuple=True)):
+        probs = _tile_values(logits, *batch, rows, cols).sigmoid_()
+        valid = rows.valid[batch[1]][:, :, None] & cols.valid[batch[2]][:, None, :]
+        tiles[batch] = valid
+        sums.index_add_(0, batch[0], probs.mul_(valid).flatten(1).sum(1).double())
+        areas.index_add_(0, batch[0], valid.flatten(1).sum(1))
     return padded[:, : output_size[0], : output_size[1]], (sums / (areas + 1e-6)).float(), areas
 
 

@@ -106,6 +106,10 @@ class FastInstResNetVdBottleneck(nn.Module):
         else:
             hidden_state = self.conv2(hidden_state)
         hidden_state = self.act2(self.bn2(hidden_state))
+        # FastInst's folding convolution (eval mode on CPU) runs the norm, the sum and the ReLU in one call
+        fuses = getattr(self.conv3, "fuses_relu", None)
+        if fuses is not None and fuses(hidden_state):
+            return self.conv3.fused_add_relu(hidden_state, shortcut)
         hidden_state = self.bn3(self.conv3(hidden_state))
         return self.act3(hidden_state + shortcut)
 

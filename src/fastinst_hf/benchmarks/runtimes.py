@@ -276,6 +276,7 @@ class BenchmarkOptions:
     official_key: str = "d1"
     peers: tuple[str, ...] = ()
     train_step: bool = False
+    train_profile: bool = False
     force_bf16: bool = False
 
 
@@ -523,4 +524,22 @@ def _training_table(step: dict) -> list[str]:
                 f"| {label} | {_cell(side)} | {wall} | {_cell(side['cpu'])} | {cpu} | {side['peak_rss_mib']:.0f} | "
                 f"{side['peak_rss_before_steps_mib']:.0f} |"
             )
+    if "profile" in step:
+        lines += _profile_table(step["profile"])
+    return lines
+
+
+def _profile_table(profile: dict[str, dict[str, float]]) -> list[str]:
+    """Where one profiled step's time goes on each side: self CPU ms per op category and its share of the step."""
+    names = [name for name in ("official", "fastinst_hf") if name in profile]
+    lines = [
+        "",
+        "One more step of each side under torch.profiler (self CPU time per op category, forward and backward)",
+        "",
+        "| category | " + " | ".join(f"{name} ms (share)" for name in names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for category in profile[names[0]]:
+        cells = [f"{profile[n][category]:.0f} ({profile[n][category] / profile[n]['total']:.0%})" for n in names]
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
     return lines

@@ -59,8 +59,9 @@ class StepWorker:
             raise RuntimeError(f"the worker process {self.process.args[:3]} ended (exit status {self.process.wait()})")
         return json.loads(line)
 
-    def measure(self) -> dict[str, float]:
-        self.process.stdin.write("\n")
+    def measure(self, command: str = "") -> dict:
+        """One step: the worker's JSON answer to the line `command` (empty: a timed step)."""
+        self.process.stdin.write(command + "\n")
         self.process.stdin.flush()
         return self._read()
 

@@ -8,6 +8,8 @@ time one step per line read from stdin, so their rounds interleave (ours, offici
   loop's parameter groups (`build_param_groups`), `zero_grad(set_to_none=True)`;
 - official: detectron2's `SimpleTrainer.run_step` (`sum(model(batched_inputs).values())`, `zero_grad`, backward,
   step) with FastInst's `Trainer.build_optimizer`, fp32 (its AMP trainer needs CUDA).
+With `profile`, each side then runs one more step under `torch.profiler` and reports the self CPU time of every op,
+which `profile_categories` sums into where the step's time goes (convolutions, matrix products, ...).
 """
 
 from __future__ import annotations
@@ -50,14 +52,22 @@ for index, image in enumerate(torch.from_numpy(batch["images"])):
     inputs.append({"image": image, "instances": instances})
 rss = lambda: next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_before_steps_mib": rss()}), flush=True)
-for _ in sys.stdin:
+def step():
     start, cpu = time.perf_counter(), time.process_time()
     losses = sum(model(inputs).values())
     optimizer.zero_grad()
     losses.backward()
     optimizer.step()
     cpu, wall = time.process_time() - cpu, time.perf_counter() - start
-    print(json.dumps({"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": rss()}), flush=True)
+    return {"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": rss()}
+for line in sys.stdin:
+    if line.strip() == "profile":
+        with torch.profiler.profile() as profiler:
+            result = step()
+        result["ops"] = [[e.key, e.self_cpu_time_total / 1e3] for e in profiler.key_averages()]
+    else:
+        result = step()
+    print(json.dumps(result), flush=True)
 """
 
 
@@ -86,7 +96,8 @@ def make_training_batch(image: np.ndarray, batch_size: int, size: int, num_label
 def time_training(config, image: np.ndarray, options, batch_size: int = 2, size: int = 512) -> dict:
     """Median and spread of one training step of ours (and the official one with `options.official_root`), with
     one untimed round (none with `options.warmup` 0) and `options.runs` timed interleaved rounds, at this process's
-    torch thread count (training runs on the CPU)."""
+    torch thread count (training runs on the CPU); with `options.train_profile` also each side's profiled step
+    (`profile`: ms per category of `profile_categories`)."""
     threads = str(torch.get_num_threads())
     with tempfile.TemporaryDirectory() as workdir:
         batch_path = Path(workdir) / "batch.npz"
@@ -102,6 +113,10 @@ def time_training(config, image: np.ndarray, options, batch_size: int = 2, size:
             )
         try:
             result = _interleave(workers, min(options.warmup, 1), options.runs)
+            if options.train_profile:
+                result["profile"] = {
+                    name: profile_categories(w.measure("profile")["ops"]) for name, w in workers.items()
+                }
         finally:
             for worker in workers.values():
                 worker.close()
@@ -134,6 +149,28 @@ def _interleave(workers: dict[str, StepWorker], warmup: int, runs: int) -> dict[
     }
 
 
+# Where a training step's time goes: the first category whose words appear in an op's name (lower case) takes its
+# self CPU time (forward and backward alike: `convolution_backward`, `mm` of a linear's gradient, ...).
+PROFILE_CATEGORIES = (
+    ("convolutions", ("conv",)),
+    ("matrix products", ("mm", "linear", "matmul", "einsum", "scaled_dot_product", "attention")),
+    ("optimizer step", ("optimizer", "_foreach", "adam")),
+    ("normalisation", ("norm",)),
+    ("resizing", ("upsample", "interpolate", "grid_sampler")),
+)
+
+
+def profile_categories(ops: list[list]) -> dict[str, float]:
+    """`[[op name, self CPU ms], ...]` of a profiled step -> ms per category of `PROFILE_CATEGORIES`, the rest
+    under "other ops" (element-wise, copies, indexing, the loss's matching), and their sum under "total"."""
+    totals = dict.fromkeys([name for name, _ in PROFILE_CATEGORIES] + ["other ops"], 0.0)
+    for name, milliseconds in ops:
+        lowered = name.lower()
+        category = next((c for c, words in PROFILE_CATEGORIES if any(word in lowered for word in words)), "other ops")
+        totals[category] += milliseconds
+    return {**totals, "total": sum(totals.values())}
+
+
 def worker_main(config_path: str, batch_path: str, threads: str) -> None:
     """Our side of `time_training`: builds the model, then times one step per stdin line (JSON lines out)."""
     from .. import FastInstConfig, FastInstForInstanceSegmentation
@@ -149,13 +186,23 @@ def worker_main(config_path: str, batch_path: str, threads: str) -> None:
     masks = [torch.from_numpy(batch[f"masks_{index}"]).float() for index in range(count)]
     labels = [torch.from_numpy(batch[f"labels_{index}"]) for index in range(count)]
     print(json.dumps({"peak_rss_before_steps_mib": _peak_rss_mib()}), flush=True)
-    for _ in sys.stdin:
+
+    def step() -> dict:
         start, cpu = time.perf_counter(), time.process_time()
         model(normalise_and_pad(images), mask_labels=masks, class_labels=labels).loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         cpu, wall = time.process_time() - cpu, time.perf_counter() - start
-        print(json.dumps({"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": _peak_rss_mib()}), flush=True)
+        return {"step": wall * 1e3, "cpu": cpu * 1e3, "peak_rss_mib": _peak_rss_mib()}
+
+    for line in sys.stdin:
+        if line.strip() == "profile":
+            with torch.profiler.profile() as profiler:
+                result = step()
+            result["ops"] = [[event.key, event.self_cpu_time_total / 1e3] for event in profiler.key_averages()]
+        else:
+            result = step()
+        print(json.dumps(result), flush=True)
 
 
 def _peak_rss_mib() -> float:

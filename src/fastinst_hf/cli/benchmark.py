@@ -70,6 +70,11 @@ def add_parser(commands) -> None:
         action="store_true",
         help="also time one training step (batch 2, 512px; with --official-root also the official trainer's step)",
     )
+    parser.add_argument(
+        "--train-profile",
+        action="store_true",
+        help="with --train-step: one more step per side under torch.profiler, time per op category",
+    )
     parser.add_argument("--force-bf16", action="store_true", help="time bf16 even without bf16 units (emulated)")
     parser.add_argument(
         "--no-isolation",
@@ -195,6 +200,8 @@ def _benchmark(args: argparse.Namespace) -> int:
 def _options(args: argparse.Namespace) -> BenchmarkOptions:
     if args.runs < 1 or args.warmup < 0:
         raise InputError(f"--runs must be >= 1 and --warmup >= 0, got {args.runs} and {args.warmup}")
+    if args.train_profile and not args.train_step:
+        raise InputError("--train-profile profiles the training step: add --train-step")
     unknown = [name for name in (*args.runtimes, *args.throughput_runtimes) if name not in RUNTIME_NAMES]
     if unknown:
         raise InputError(f"--runtimes: unknown {unknown}; choose from {', '.join(RUNTIME_NAMES)}")
@@ -216,6 +223,7 @@ def _options(args: argparse.Namespace) -> BenchmarkOptions:
         official_tools=args.official_tools,
         peers=args.peers,
         train_step=args.train_step,
+        train_profile=args.train_profile,
         force_bf16=args.force_bf16,
     )
 

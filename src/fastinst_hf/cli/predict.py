@@ -64,9 +64,9 @@ def add_parser(commands) -> None:
         "--runtime",
         choices=(AUTO, *RUNTIMES),
         default=AUTO,
-        help="how the network runs (the runtimes of `fastinst-hf benchmark`); auto: folded+channels_last on the CPU "
-        "(PyTorch with the batch norms folded into the convolutions, the fastest torch path there), folded on CUDA; "
-        "eager: the model exactly as loaded; onnxruntime / openvino (optional package): the model's ONNX graph on "
+        help="how the network runs (the runtimes of `fastinst-hf benchmark`); auto: eager on the CPU "
+        "(the model as loaded, which in eval mode folds its batch norms into oneDNN convolutions with their ReLUs "
+        "fused, the fastest torch path there), folded on CUDA; onnxruntime / openvino (optional package): the model's ONNX graph on "
         "the CPU, exported once per model (about a minute) under the cache root ($FASTINST_HF_CACHE, else "
         "~/.cache/fastinst_hf)/onnx",
     )

@@ -88,14 +88,24 @@ def fold_batch_norms(model: nn.Module) -> nn.Module:
                 and _is_foldable_norm(norm)
                 and norm.weight.shape[0] == conv.out_channels
             ):
+                if isinstance(conv, FastInstFoldingConv2d):
+                    conv.release_relu()
                 setattr(parent, conv_name, _fold_into_conv(conv, norm))
                 setattr(parent, norm_name, nn.Identity())
     return folded
 
 
 # Layers whose ReLU module only ever receives a tensor made just before it (a convolution's or norm's output, or a
-# residual sum), so that it may overwrite it: transformers' ResNet layers and our conv + norm layer.
-_RELU_IN_PLACE_PARENTS = ("ResNetConvLayer", "ResNetBasicLayer", "ResNetBottleNeckLayer", "FastInstConvNormLayer")
+# residual sum), so that it may overwrite it: transformers' ResNet layers (also as the model's fusing subclasses of
+# them) and our conv + norm layer.
+_RELU_IN_PLACE_PARENTS = (
+    "ResNetConvLayer",
+    "ResNetBasicLayer",
+    "ResNetBottleNeckLayer",
+    "FastInstResNetBasicLayer",
+    "FastInstResNetBottleNeckLayer",
+    "FastInstConvNormLayer",
+)
 
 
 def relu_in_place(model: nn.Module) -> nn.Module:

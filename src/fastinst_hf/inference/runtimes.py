@@ -59,8 +59,9 @@ AUTO = "auto"
 
 
 def default_runtime(device) -> str:
-    """The runtime `auto` stands for: folded norms + channels_last on CPU, folded norms elsewhere."""
-    return "folded+channels_last" if device.type == "cpu" else "folded"
+    """The runtime `auto` stands for: on CPU the model as loaded (which folds its norms into oneDNN convolutions with
+    their ReLUs fused, faster than a plain folded copy), folded norms elsewhere."""
+    return "eager" if device.type == "cpu" else "folded"
 
 
 def runtime_unavailable(runtime: Runtime, device) -> str | None:
