@@ -1,8 +1,10 @@
 """The one FLOPs count (`fastinst_hf.utils.flops`): dense and deformable convolutions, the paper's unit."""
 
 import torch
+from conftest import tiny_config
 from torchvision.ops import DeformConv2d
 
+from fastinst_hf import FastInstForInstanceSegmentation, modeling_fastinst
 from fastinst_hf.utils.flops import count_flops, paper_gflops
 
 
@@ -25,3 +27,14 @@ def test_dense_and_deformable_convolutions_count_two_flops_per_multiply_add():
 
 def test_paper_unit_counts_a_multiply_add_once():
     assert paper_gflops(99_200_000_000) == 49.6
+
+
+def test_the_model_counts_the_same_with_its_onednn_inference_ops(monkeypatch):
+    """In eval mode on CPU the model runs oneDNN's fused ops, which the counter does not know: it must see aten."""
+    torch.manual_seed(0)
+    model = FastInstForInstanceSegmentation(tiny_config()).eval()
+    inputs = {"pixel_values": torch.randn(1, 3, 64, 96)}
+    with torch.inference_mode():
+        counted = count_flops(model, inputs)
+        monkeypatch.setattr(modeling_fastinst, "onednn_applies", lambda hidden_state, weight: False)
+        assert counted == count_flops(model, inputs) > 0

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 from torchvision.ops.misc import FrozenBatchNorm2d
 from transformers import initialization as init
 from transformers.backbone_utils import load_backbone
@@ -153,15 +154,15 @@ class FastInstForInstanceSegmentationOutput(ModelOutput):
 def onednn_applies(hidden_state: Tensor, weight: Tensor) -> bool:
     """Whether oneDNN's fused inference ops (`torch.ops.mkldnn._convolution_pointwise`, `_linear_pointwise`) may run
     `hidden_state` with `weight`: no gradient wanted, on CPU, float32 (bfloat16 with bf16 units), same dtypes, and not
-    under autocast, `torch.compile`, export or tracing (which see aten ops only)."""
+    under autocast, `torch.compile`, export, tracing or a dispatch mode (which see aten ops only)."""
     if hidden_state.device.type != "cpu" or hidden_state.dtype != weight.dtype:
         return False
     if torch.is_grad_enabled() and (hidden_state.requires_grad or weight.requires_grad):
         return False
     if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return False
-    if torch.jit.is_tracing() or not torch.backends.mkldnn.is_available():
-        return False
+    if torch.jit.is_tracing() or _get_current_dispatch_mode() is not None or not torch.backends.mkldnn.is_available():
+        return False  # a dispatch mode (the FLOP counter, ...) expects aten ops
     dtype = hidden_state.dtype
     return dtype == torch.float32 or (dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
