@@ -73,6 +73,24 @@ def test_benchmark_rfdetr_peer_builds_random_weights_and_predicts_every_query(mo
     assert len(result["full"]["runs_ms"]) == 2
 
 
+def test_benchmark_table_gives_no_fastinst_rate_to_a_peer_network():
+    from fastinst_hf.benchmarks import runtimes as benchmark
+
+    def stage(ms):
+        return {"median_ms": ms, "min_ms": ms, "max_ms": ms, "runs_ms": [ms]}
+
+    result = {
+        "cpu": "test CPU", "cpu_flags": ["avx2"], "passive_threads": True, "threads": 1, "torch": "x",
+        "image_hw": [480, 640], "model_input_hw": [576, 768], "padded_hw": [576, 768], "runs": 1,
+        "flops": 100e9, "matmul_peak_gflops": {"fp32": 200.0},
+        "runtimes": {"eager": {"network": stage(500.0), "postprocess": stage(50.0), "full": stage(560.0)}},
+        "mask2former": {"network": stage(2000.0), "full": stage(2100.0)},
+    }  # fmt: skip
+    rows = benchmark.format_table(result).splitlines()
+    assert "| fastinst_hf eager | 500 (500-500) | 50 (50-50) | 560 (560-560) | - | 200 |" in rows
+    assert "| peer: mask2former | 2000 (2000-2000) | - | 2100 (2100-2100) | - | - |" in rows
+
+
 def test_benchmark_times_our_training_step_and_skips_the_official_one(tmp_path, capsys):
     """`--train-step` without `--official-root`: our step in its worker process, the official one named as skipped."""
     from fastinst_hf import FastInstForInstanceSegmentation

@@ -446,15 +446,18 @@ def format_table(result: dict) -> str:
     reference = result["official"]["full"]["median_ms"] if "official" in result else None
     rows = []
     if "official" in result:
-        rows.append(("official code (detectron2)", result["official"]["network"], None, result["official"]["full"]))
+        rows.append(
+            ("official code (detectron2)", result["official"]["network"], None, result["official"]["full"], True)
+        )
     for key, label in (("official_worker_alone", "its worker alone"), ("official_script_alone", "bench_official.py")):
         if key in result:
-            rows.append((f"official, {label}", result[key]["network"], None, result[key]["full"]))
+            rows.append((f"official, {label}", result[key]["network"], None, result[key]["full"], True))
     for name, stages in result.get("runtimes", {}).items():
-        rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"]))
+        rows.append((f"fastinst_hf {name}", stages["network"], stages["postprocess"], stages["full"], True))
     for peer in PEER_PACKAGES:
         if peer in result:
-            rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"]))
+            # another network: FastInst's FLOPs give it no rate
+            rows.append((f"peer: {peer}", result[peer].get("network"), None, result[peer]["full"], False))
     lines = [
         f"CPU: {result['cpu']}; CPU flags: {', '.join(result.get('cpu_flags', [])) or 'none of ' + ', '.join(CPU_FLAGS)}; "
         f"idle thread pools passive: {'yes' if result.get('passive_threads') else 'no'}",
@@ -465,9 +468,11 @@ def format_table(result: dict) -> str:
         "| runtime | network ms | postprocess ms | full ms | full / official | network GFLOP/s |",
         "|---|---|---|---|---|---|",
     ]
-    for label, network, post, full in rows:
+    for label, network, post, full, fastinst in rows:
         ratio = f"{full['median_ms'] / reference:.2f}" if reference else "-"
-        rate = f"{result['flops'] / network['median_ms'] / 1e6:.0f}" if network and "flops" in result else "-"
+        rate = (
+            f"{result['flops'] / network['median_ms'] / 1e6:.0f}" if fastinst and network and "flops" in result else "-"
+        )
         lines.append(f"| {label} | {_cell(network)} | {_cell(post)} | {_cell(full)} | {ratio} | {rate} |")
     if "flops" in result:
         paper = PAPER_GFLOPS.get(result.get("variant", ""))
