@@ -187,6 +187,11 @@ def _tile_bounds(logits: torch.Tensor, rows: _Axis, cols: _Axis) -> tuple[torch.
     return row_minima[:, :, cols.window_rows].amin(3), row_maxima[:, :, cols.window_rows].amax(3)
 
 
+def _tile_valid(tile_ys, tile_xs, rows: _Axis, cols: _Axis) -> torch.Tensor:
+    """`(T, MASK_TILE, MASK_TILE)` bool: which pixels of tiles `(tile_ys, tile_xs)` lie inside the output."""
+    return rows.valid[tile_ys][:, :, None] & cols.valid[tile_xs][:, None, :]
+
+
 def _tile_values(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis) -> torch.Tensor:
     """`(T, MASK_TILE, MASK_TILE)` resized logits of tiles `(maps, tile_ys, tile_xs)`, approximately: two small matrix
     products with the composite weights of the two bilinear steps."""
@@ -199,7 +204,7 @@ def _tile_probabilities(logits, maps, tile_ys, tile_xs, rows: _Axis, cols: _Axis
     values, then the exact ones (torch's arithmetic) where the approximation is within `margin` of the logit `limit`
     of the mask threshold, so that thresholding them gives torch's masks."""
     values = _tile_values(logits, maps, tile_ys, tile_xs, rows, cols)
-    valid = rows.valid[tile_ys][:, :, None] & cols.valid[tile_xs][:, None, :]
+    valid = _tile_valid(tile_ys, tile_xs, rows, cols)
     tiles, ys, xs = torch.nonzero(valid & ((values - limit).abs_() <= margin), as_tuple=True)
     ys, xs = tile_ys[tiles] * MASK_TILE + ys, tile_xs[tiles] * MASK_TILE + xs
     values[tiles, ys % MASK_TILE, xs % MASK_TILE] = _exact_mask_logits(logits, maps[tiles], ys, xs, rows, cols, fused)
@@ -234,7 +239,7 @@ def _tiled_binary_masks(logits: torch.Tensor, axes, output_size, mask_threshold:
         areas.index_add_(0, batch[0], masks.flatten(1).sum(1))
     for batch in _batches(*torch.nonzero(inside, as_tuple=True)):
         probs = _tile_values(logits, *batch, rows, cols).sigmoid_()
-        valid = rows.valid[batch[1]][:, :, None] & cols.valid[batch[2]][:, None, :]
+        valid = _tile_valid(batch[1], batch[2], rows, cols)
         tiles[batch] = valid
         sums.index_add_(0, batch[0], probs.mul_(valid).flatten(1).sum(1).double())
         areas.index_add_(0, batch[0], valid.flatten(1).sum(1))

@@ -405,12 +405,12 @@ RELU_AFTER_NORM = {
     ResNetConvLayer: {"normalization": "activation"},
     FastInstResNetVdBottleneck: {"bn1": "act1", "bn2": "act2"},
 }
-# Residual blocks computing `relu(norm(conv(x)) + shortcut)` last: class -> (path of that conv, name of the ReLU,
+# Residual blocks computing `relu(norm(conv(x)) + shortcut)` last: class -> (that conv of a block, name of the ReLU,
 # the class taking over its forward to fuse it, or None where the block's own forward does).
 RESIDUAL_RELU = {
-    ResNetBasicLayer: ("layer.1.convolution", "activation", FastInstResNetBasicLayer),
-    ResNetBottleNeckLayer: ("layer.2.convolution", "activation", FastInstResNetBottleNeckLayer),
-    FastInstResNetVdBottleneck: ("conv3", "act3", None),
+    ResNetBasicLayer: (lambda block: block.layer[-1].convolution, "activation", FastInstResNetBasicLayer),
+    ResNetBottleNeckLayer: (lambda block: block.layer[-1].convolution, "activation", FastInstResNetBottleNeckLayer),
+    FastInstResNetVdBottleneck: (lambda block: block.conv3, "act3", None),
 }
 
 
@@ -428,8 +428,8 @@ def _relu_pairs(parent: nn.Module):
         if type(relu) is nn.ReLU and isinstance(getattr(norm, "folding_conv", None), FastInstFoldingConv2d):
             yield norm.folding_conv, relu, False
     if type(parent) in RESIDUAL_RELU:
-        conv_path, relu_name, fused_class = RESIDUAL_RELU[type(parent)]
-        conv, relu = parent.get_submodule(conv_path), children.get(relu_name)
+        last_conv, relu_name, fused_class = RESIDUAL_RELU[type(parent)]
+        conv, relu = last_conv(parent), children.get(relu_name)
         if isinstance(conv, FastInstFoldingConv2d) and type(relu) is nn.ReLU:
             if fused_class is not None:
                 parent.__class__ = fused_class
@@ -737,7 +737,8 @@ class FastInstAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[Tensor, Tensor | None]:
         """`query` [B, L, C], `key` and `value` [B, S, C]; `attention_mask` bool [B, 1, L, S] (the same for every
-        head), True = blocked (no row may be fully blocked). Returns the output [B, L, C] and the weights [B, heads, L, S] or None."""
+        head), True = blocked (no row may be fully blocked). Returns the output [B, L, C] and the weights
+        [B, heads, L, S] or None."""
         batch_size, length = query.shape[:2]
         weights, biases = self.in_proj_weight.chunk(3), self.in_proj_bias.chunk(3)
         query, key, value = (
